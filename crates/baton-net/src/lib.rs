@@ -1,0 +1,4 @@
+//! Every Linux interface baton uses. All `unsafe` code and raw syscalls of
+//! the project live in this crate; the others call its safe functions.
+
+pub mod netns;

@@ -1,0 +1,107 @@
+//! Network namespaces: entering one from a thread, and spawning processes in one.
+//!
+//! A socket belongs to the namespace of the thread that created it, so code
+//! that must act "on a host" of the lab (or on the node's own namespace) runs
+//! on a thread that has joined that namespace.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nix::sched::{setns, unshare, CloneFlags};
+
+/// Errors from namespace operations.
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    #[error("cannot open network namespace {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot enter network namespace {path}: {source} (needs root / CAP_SYS_ADMIN)")]
+    Enter { path: PathBuf, source: nix::Error },
+    #[error("cannot create a private network namespace: {0} (needs root / CAP_SYS_ADMIN)")]
+    Unshare(nix::Error),
+    #[error("thread running in namespace {0} panicked")]
+    Panicked(String),
+}
+
+/// Where `ip netns` keeps named namespaces.
+pub const NETNS_RUN_DIR: &str = "/var/run/netns";
+
+/// Path of a named namespace as created by `ip netns add NAME`.
+pub fn named_path(name: &str) -> PathBuf {
+    Path::new(NETNS_RUN_DIR).join(name)
+}
+
+/// Moves the calling thread into the namespace at `path`. The thread stays
+/// there; use [`run_in`] to confine it to a scoped thread.
+pub fn enter(path: &Path) -> Result<(), NetnsError> {
+    let file = File::open(path).map_err(|source| NetnsError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    setns(file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Runs `f` on a new thread inside the namespace at `path` and returns its
+/// result. The caller's thread never changes namespace.
+pub fn run_in<T, F>(path: &Path, f: F) -> Result<T, NetnsError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let owned = path.to_owned();
+    let handle = std::thread::Builder::new()
+        .name(format!(
+            "netns-{}",
+            owned.file_name().unwrap_or_default().to_string_lossy()
+        ))
+        .spawn(move || -> Result<T, NetnsError> {
+            enter(&owned)?;
+            Ok(f())
+        })
+        .expect("spawning a thread");
+    handle
+        .join()
+        .map_err(|_| NetnsError::Panicked(path.display().to_string()))?
+}
+
+/// Spawns a thread inside the namespace at `path`, running `f`; the caller
+/// joins it. Used for long-running per-host agents in tests and the lab.
+pub fn spawn_in<T, F>(path: &Path, f: F) -> std::thread::JoinHandle<Result<T, NetnsError>>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let owned = path.to_owned();
+    std::thread::Builder::new()
+        .name(format!(
+            "netns-{}",
+            owned.file_name().unwrap_or_default().to_string_lossy()
+        ))
+        .spawn(move || -> Result<T, NetnsError> {
+            enter(&owned)?;
+            Ok(f())
+        })
+        .expect("spawning a thread")
+}
+
+/// Moves the calling thread into a new, private network namespace (only
+/// `lo`, down). For unit tests of socket code that must not touch the
+/// machine's own network.
+pub fn unshare_private() -> Result<(), NetnsError> {
+    unshare(CloneFlags::CLONE_NEWNET).map_err(NetnsError::Unshare)
+}
+
+/// A `Command` that runs `program` inside the named namespace, through
+/// `ip netns exec` (which also gives it a matching /sys).
+pub fn command_in(name: &str, program: &str) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", name, program]);
+    cmd
+}
