@@ -1,1 +1,645 @@
-//! placeholder
+//! Virtual clusters on one Linux machine, for baton's tests, demo and
+//! benchmarks.
+//!
+//! A lab is a switch namespace holding a Linux bridge, plus one network
+//! namespace per host (`node1..nodeN`, `client1..clientM`), each with `lo`
+//! and an `eth0` veth whose other end is a port of the bridge. Every
+//! namespace and switch-side interface is prefixed with the lab's name, so
+//! labs coexist; every link is created inside the lab's own namespaces, so
+//! the root namespace's network never changes.
+//!
+//! Addressing (the same in every lab, since labs never share a segment):
+//!
+//! | host      | IPv4            | IPv6                  |
+//! |-----------|-----------------|-----------------------|
+//! | `nodeI`   | `198.18.1.I/16` | `fd00:198:18::1:I/64` |
+//! | `clientJ` | `198.18.2.J/16` | `fd00:198:18::2:J/64` |
+//! | VIPs      | `198.18.100.0/24` | `fd00:198:18::100:0/112` (kept free) |
+//!
+//! I and J are written in decimal in both families (`node12` is
+//! `198.18.1.12` and `fd00:198:18::1:12`).
+
+mod counters;
+mod host;
+mod shell;
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+pub use counters::TcpCounters;
+pub use host::{Host, Role};
+use shell::{ip, ip_json};
+
+/// Largest number of nodes or clients in one lab.
+pub const MAX_HOSTS_PER_ROLE: u32 = 200;
+/// Longest lab name: the switch-side port `NAME-cNNN` must fit the kernel's
+/// 15-character interface names.
+pub const MAX_NAME_LEN: usize = 10;
+
+/// Errors of lab operations; each message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("the lab needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN): run it as root")]
+    NotRoot,
+    #[error("the `ip` command was not found: install iproute2 (apt-get install iproute2)")]
+    NoIpTool,
+    #[error("lab name {0:?} is invalid: use 1 to {MAX_NAME_LEN} characters a-z, 0-9, starting with a letter")]
+    BadName(String),
+    #[error("lab {0:?} already exists: pick another --name, or remove it with `baton lab down --name {0}`")]
+    InUse(String),
+    #[error("lab {0:?} does not exist: create it with `baton lab up --name {0}`")]
+    NotFound(String),
+    #[error("lab {lab:?} has no host {host:?} (hosts: {known})")]
+    NoHost {
+        lab: String,
+        host: String,
+        known: String,
+    },
+    #[error("a lab needs 1 to {MAX_HOSTS_PER_ROLE} nodes and 0 to {MAX_HOSTS_PER_ROLE} clients")]
+    BadSize,
+    #[error("`{command}` failed: {detail}")]
+    Command { command: String, detail: String },
+    #[error(transparent)]
+    Netns(#[from] baton_net::netns::NetnsError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A fault the lab can inject on a host's link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The host reaches no other host and none reaches it; its link stays
+    /// up and its processes keep running (a partition, as a failed switch
+    /// port would make).
+    Isolate,
+    /// Undo [`Fault::Isolate`].
+    Heal,
+    /// The host's cable is pulled: it sees its carrier go down.
+    LinkDown,
+    /// The cable is plugged back in.
+    LinkUp,
+}
+
+impl std::str::FromStr for Fault {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "isolate" => Ok(Fault::Isolate),
+            "heal" => Ok(Fault::Heal),
+            "link-down" => Ok(Fault::LinkDown),
+            "link-up" => Ok(Fault::LinkUp),
+            other => Err(format!(
+                "unknown fault {other:?}: use isolate, heal, link-down or link-up"
+            )),
+        }
+    }
+}
+
+/// One running lab. Dropping it removes the lab (processes it spawned,
+/// namespaces, links), also when a test panics, unless [`Lab::keep`] was
+/// called.
+#[derive(Debug)]
+pub struct Lab {
+    name: String,
+    hosts: Vec<Host>,
+    children: Mutex<Vec<Child>>,
+    keep: bool,
+}
+
+/// What `baton lab status --json` prints: stable, documented in the README.
+#[derive(Debug, Clone, Serialize)]
+pub struct LabStatus {
+    pub name: String,
+    pub hosts: Vec<HostStatus>,
+}
+
+/// One host in [`LabStatus`].
+#[derive(Debug, Clone, Serialize)]
+pub struct HostStatus {
+    pub name: String,
+    pub role: Role,
+    pub netns: String,
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
+    /// Other global addresses on the host (VIPs it holds).
+    pub extra_addresses: Vec<String>,
+    /// `up`, `down` (link-down or crashed) or `isolated`.
+    pub link: String,
+    pub processes: Vec<ProcessStatus>,
+}
+
+/// A process running inside a host's namespace.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProcessStatus {
+    pub pid: u32,
+    pub command: String,
+}
+
+fn check_name(name: &str) -> Result<(), LabError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(LabError::BadName(name.to_owned()))
+    }
+}
+
+/// Checks what every lab operation needs: root capabilities and `ip`.
+pub fn check_requirements() -> Result<(), LabError> {
+    if !baton_net::netns::has_admin_capabilities() {
+        return Err(LabError::NotRoot);
+    }
+    if !shell::on_path("ip") {
+        return Err(LabError::NoIpTool);
+    }
+    Ok(())
+}
+
+fn switch_netns(lab: &str) -> String {
+    format!("{lab}-sw")
+}
+
+fn bridge_name(lab: &str) -> String {
+    format!("{lab}-br")
+}
+
+/// Names of every network namespace on the machine.
+fn all_netns() -> Result<Vec<String>, LabError> {
+    let dir = match std::fs::read_dir(baton_net::netns::NETNS_RUN_DIR) {
+        Ok(dir) => dir,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut names: Vec<String> = dir
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// The namespaces that belong to lab `lab`: its switch and its hosts.
+fn lab_netns(lab: &str) -> Result<Vec<String>, LabError> {
+    Ok(all_netns()?
+        .into_iter()
+        .filter(|ns| {
+            ns.strip_prefix(lab)
+                .and_then(|rest| rest.strip_prefix('-'))
+                .is_some_and(|rest| rest == "sw" || Host::parse_name(rest).is_some())
+        })
+        .collect())
+}
+
+/// Names of the labs present on this machine.
+pub fn list() -> Result<Vec<String>, LabError> {
+    Ok(all_netns()?
+        .into_iter()
+        .filter_map(|ns| ns.strip_suffix("-sw").map(str::to_owned))
+        .filter(|lab| check_name(lab).is_ok())
+        .collect())
+}
+
+/// Removes lab `name`: every process in its hosts, its namespaces and with
+/// them its links. Safe to run twice; removing an absent lab is not an error.
+pub fn down(name: &str) -> Result<(), LabError> {
+    check_name(name)?;
+    check_requirements()?;
+    let namespaces = lab_netns(name)?;
+    for ns in namespaces.iter().filter(|ns| !ns.ends_with("-sw")) {
+        kill_all_in(ns);
+    }
+    let mut first_error = None;
+    for ns in &namespaces {
+        if let Err(e) = ip(&["netns", "delete", ns]) {
+            if baton_net::netns::named_path(ns).exists() {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// SIGKILLs every process whose network namespace is `ns`, except this one.
+fn kill_all_in(ns: &str) {
+    for pid in baton_net::netns::pids_in(&baton_net::netns::named_path(ns)) {
+        if pid != std::process::id() {
+            baton_net::netns::kill(pid);
+        }
+    }
+}
+
+static NAME_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+impl Lab {
+    /// A lab name unique to this process and call, for tests running side
+    /// by side: `prefix` (at most 3 letters) + pid + counter, in base 36.
+    pub fn unique_name(prefix: &str) -> String {
+        let n = NAME_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let mut name = prefix.chars().take(3).collect::<String>();
+        name.push_str(&base36(std::process::id()));
+        name.push_str(&base36(n));
+        name.truncate(MAX_NAME_LEN);
+        name
+    }
+
+    /// Creates lab `name` with `nodes` nodes and `clients` clients. On any
+    /// error, whatever was made is removed again.
+    pub fn create(name: &str, nodes: u32, clients: u32) -> Result<Lab, LabError> {
+        check_name(name)?;
+        check_requirements()?;
+        if !(1..=MAX_HOSTS_PER_ROLE).contains(&nodes) || clients > MAX_HOSTS_PER_ROLE {
+            return Err(LabError::BadSize);
+        }
+        if !lab_netns(name)?.is_empty() {
+            return Err(LabError::InUse(name.to_owned()));
+        }
+        let hosts: Vec<Host> = (1..=nodes)
+            .map(|i| Host::new(name, Role::Node, i))
+            .chain((1..=clients).map(|j| Host::new(name, Role::Client, j)))
+            .collect();
+        let lab = Lab {
+            name: name.to_owned(),
+            hosts,
+            children: Mutex::new(Vec::new()),
+            keep: false,
+        };
+        // On error `lab` is dropped here, which removes what was made.
+        lab.build()?;
+        Ok(lab)
+    }
+
+    /// Opens a lab that already exists (made by `baton lab up`). Dropping
+    /// the handle leaves the lab in place.
+    pub fn open(name: &str) -> Result<Lab, LabError> {
+        check_name(name)?;
+        check_requirements()?;
+        let namespaces = lab_netns(name)?;
+        if !namespaces.iter().any(|ns| *ns == switch_netns(name)) {
+            return Err(LabError::NotFound(name.to_owned()));
+        }
+        let mut hosts: Vec<Host> = namespaces
+            .iter()
+            .filter_map(|ns| ns.strip_prefix(name)?.strip_prefix('-'))
+            .filter_map(Host::parse_name)
+            .map(|(role, index)| Host::new(name, role, index))
+            .collect();
+        hosts.sort_by_key(|h| (h.role, h.index));
+        Ok(Lab {
+            name: name.to_owned(),
+            hosts,
+            children: Mutex::new(Vec::new()),
+            keep: true,
+        })
+    }
+
+    fn build(&self) -> Result<(), LabError> {
+        let sw = switch_netns(&self.name);
+        let br = bridge_name(&self.name);
+        ip(&["netns", "add", &sw])?;
+        ip(&["-n", &sw, "link", "set", "lo", "up"])?;
+        ip(&[
+            "-n",
+            &sw,
+            "link",
+            "add",
+            &br,
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ])?;
+        ip(&["-n", &sw, "link", "set", &br, "up"])?;
+        for host in &self.hosts {
+            ip(&["netns", "add", &host.netns])?;
+            ip(&[
+                "-n",
+                &sw,
+                "link",
+                "add",
+                &host.port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &host.netns,
+            ])?;
+            ip(&["-n", &sw, "link", "set", &host.port, "master", &br, "up"])?;
+            // IPv6 addresses usable at once: no duplicate address detection
+            // in the lab (also for VIPs added later).
+            let path = baton_net::netns::named_path(&host.netns);
+            baton_net::netns::run_in(&path, || -> std::io::Result<()> {
+                for key in ["all", "default", "eth0"] {
+                    std::fs::write(format!("/proc/sys/net/ipv6/conf/{key}/accept_dad"), "0")?;
+                }
+                Ok(())
+            })??;
+            ip(&["-n", &host.netns, "link", "set", "lo", "up"])?;
+            ip(&["-n", &host.netns, "link", "set", "eth0", "up"])?;
+            ip(&[
+                "-n",
+                &host.netns,
+                "addr",
+                "add",
+                &format!("{}/16", host.ipv4),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&[
+                "-n",
+                &host.netns,
+                "addr",
+                "add",
+                &format!("{}/64", host.ipv6),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// Leaves the lab in place when this handle is dropped.
+    pub fn keep(mut self) {
+        self.keep = true;
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn hosts(&self) -> &[Host] {
+        &self.hosts
+    }
+
+    /// The host named `name` (`node1`, `client2`, ...).
+    pub fn host(&self, name: &str) -> Result<&Host, LabError> {
+        self.hosts
+            .iter()
+            .find(|h| h.name == name)
+            .ok_or_else(|| LabError::NoHost {
+                lab: self.name.clone(),
+                host: name.to_owned(),
+                known: self
+                    .hosts
+                    .iter()
+                    .map(|h| h.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    /// The `i`th VIP of the lab's VIP range (i from 1): IPv4 and IPv6.
+    pub fn vip(i: u8) -> (Ipv4Addr, Ipv6Addr) {
+        (
+            Ipv4Addr::new(198, 18, 100, i),
+            Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, 0x100, u16::from(i)),
+        )
+    }
+
+    /// A command that runs `program` inside `host`.
+    pub fn command(&self, host: &str, program: &str) -> Result<Command, LabError> {
+        Ok(baton_net::netns::command_in(
+            &self.host(host)?.netns,
+            program,
+        ))
+    }
+
+    /// Runs a command inside `host` to completion, inheriting stdio, and
+    /// returns its exit status.
+    pub fn exec(&self, host: &str, argv: &[String]) -> Result<ExitStatus, LabError> {
+        let (program, args) = argv.split_first().ok_or_else(|| LabError::Command {
+            command: "lab exec".into(),
+            detail: "no command given".into(),
+        })?;
+        Ok(self.command(host, program)?.args(args).status()?)
+    }
+
+    /// Starts a background process inside `host`. It is killed (by its
+    /// pid) when the lab is dropped, unless it has exited before.
+    pub fn spawn(&self, host: &str, command: Command) -> Result<u32, LabError> {
+        let host = self.host(host)?;
+        let program = command.get_program().to_owned();
+        let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
+        let mut wrapped = Command::new("ip");
+        wrapped
+            .args(["netns", "exec", &host.netns])
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null());
+        for (k, v) in command.get_envs() {
+            match v {
+                Some(v) => wrapped.env(k, v),
+                None => wrapped.env_remove(k),
+            };
+        }
+        if let Some(dir) = command.get_current_dir() {
+            wrapped.current_dir(dir);
+        }
+        let child = wrapped.spawn()?;
+        let pid = child.id();
+        self.children.lock().expect("lab children lock").push(child);
+        Ok(pid)
+    }
+
+    /// Runs `f` on a thread inside `host`'s namespace and returns its result.
+    pub fn run_in<T, F>(&self, host: &str, f: F) -> Result<T, LabError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        Ok(baton_net::netns::run_in(&self.host(host)?.netns_path(), f)?)
+    }
+
+    /// Starts `f` on a thread inside `host`'s namespace; the caller joins it.
+    pub fn spawn_in<T, F>(
+        &self,
+        host: &str,
+        f: F,
+    ) -> Result<std::thread::JoinHandle<Result<T, baton_net::netns::NetnsError>>, LabError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        Ok(baton_net::netns::spawn_in(
+            &self.host(host)?.netns_path(),
+            f,
+        ))
+    }
+
+    /// The TCP counters of `host`'s stack (resets, aborts).
+    pub fn tcp_counters(&self, host: &str) -> Result<TcpCounters, LabError> {
+        self.run_in(host, TcpCounters::read_current)?
+            .map_err(LabError::Io)
+    }
+
+    /// Injects a link fault on `host`.
+    pub fn fault(&self, host: &str, fault: Fault) -> Result<(), LabError> {
+        let host = self.host(host)?;
+        let sw = switch_netns(&self.name);
+        let br = bridge_name(&self.name);
+        match fault {
+            Fault::Isolate => ip(&["-n", &sw, "link", "set", &host.port, "nomaster"]),
+            Fault::Heal => ip(&["-n", &sw, "link", "set", &host.port, "master", &br]),
+            Fault::LinkDown => ip(&["-n", &sw, "link", "set", &host.port, "down"]),
+            Fault::LinkUp => ip(&["-n", &sw, "link", "set", &host.port, "up"]),
+        }
+    }
+
+    /// Power loss of `host`: every process in it is killed and its link goes
+    /// down. `fault(host, LinkUp)` brings the link back.
+    pub fn crash(&self, host: &str) -> Result<(), LabError> {
+        let h = self.host(host)?;
+        kill_all_in(&h.netns);
+        self.fault(host, Fault::LinkDown)
+    }
+
+    /// Hosts, their addresses, link state and processes, as they are now.
+    pub fn status(&self) -> Result<LabStatus, LabError> {
+        let sw = switch_netns(&self.name);
+        let ports: BTreeMap<String, serde_json::Value> = ip_json(&["-n", &sw, "link", "show"])?
+            .into_iter()
+            .filter_map(|l| Some((l.get("ifname")?.as_str()?.to_owned(), l)))
+            .collect();
+        let mut hosts = Vec::new();
+        for host in &self.hosts {
+            let port = ports.get(&host.port);
+            let link = match port {
+                None => "missing",
+                Some(p) if p.get("master").is_none() => "isolated",
+                Some(p) => {
+                    let up = p
+                        .get("flags")
+                        .and_then(|f| f.as_array())
+                        .is_some_and(|f| f.iter().any(|x| x == "UP"));
+                    if up {
+                        "up"
+                    } else {
+                        "down"
+                    }
+                }
+            };
+            let (ipv4, ipv6, extra) = host.read_addresses()?;
+            let processes = baton_net::netns::pids_in(&host.netns_path())
+                .into_iter()
+                .map(|pid| ProcessStatus {
+                    pid,
+                    command: std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .map(|s| s.trim().to_owned())
+                        .unwrap_or_default(),
+                })
+                .collect();
+            hosts.push(HostStatus {
+                name: host.name.clone(),
+                role: host.role,
+                netns: host.netns.clone(),
+                ipv4,
+                ipv6,
+                extra_addresses: extra,
+                link: link.to_owned(),
+                processes,
+            });
+        }
+        Ok(LabStatus {
+            name: self.name.clone(),
+            hosts,
+        })
+    }
+
+    /// Path of the per-host state directory (sockets, logs): lab hosts share
+    /// the machine's filesystem, so every node needs its own.
+    pub fn state_dir(&self, host: &str) -> Result<PathBuf, LabError> {
+        let host = self.host(host)?;
+        Ok(std::env::temp_dir()
+            .join("baton-lab")
+            .join(&self.name)
+            .join(&host.name))
+    }
+
+    /// Removes the lab now and reports errors (drop does the same silently).
+    pub fn remove(mut self) -> Result<(), LabError> {
+        self.keep = true;
+        self.kill_children();
+        let _ = std::fs::remove_dir_all(std::env::temp_dir().join("baton-lab").join(&self.name));
+        down(&self.name)
+    }
+
+    fn kill_children(&self) {
+        let mut children = self.children.lock().unwrap_or_else(|e| e.into_inner());
+        for child in children.iter_mut() {
+            if let Ok(None) = child.try_wait() {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+        children.clear();
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        self.kill_children();
+        let _ = std::fs::remove_dir_all(std::env::temp_dir().join("baton-lab").join(&self.name));
+        if let Err(e) = down(&self.name) {
+            tracing::warn!(lab = %self.name, error = %e, "removing the lab failed");
+        }
+    }
+}
+
+fn base36(mut n: u32) -> String {
+    const DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::new();
+    loop {
+        out.push(DIGITS[(n % 36) as usize]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    String::from_utf8(out).expect("ascii")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("lab").is_ok());
+        assert!(check_name("a1234567890").is_err());
+        assert!(check_name("").is_err());
+        assert!(check_name("1ab").is_err());
+        assert!(check_name("la-b").is_err());
+        assert!(check_name("Lab").is_err());
+    }
+
+    #[test]
+    fn unique_names_are_valid_and_distinct() {
+        let a = Lab::unique_name("t");
+        let b = Lab::unique_name("t");
+        assert_ne!(a, b);
+        assert!(check_name(&a).is_ok(), "{a}");
+    }
+
+    #[test]
+    fn faults_parse() {
+        assert_eq!("isolate".parse::<Fault>(), Ok(Fault::Isolate));
+        assert!("explode".parse::<Fault>().is_err());
+    }
+}

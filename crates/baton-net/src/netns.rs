@@ -105,3 +105,64 @@ pub fn command_in(name: &str, program: &str) -> Command {
     cmd.args(["netns", "exec", name, program]);
     cmd
 }
+
+/// Whether this process has CAP_NET_ADMIN and CAP_SYS_ADMIN, which creating
+/// and entering namespaces, repairing sockets and changing addresses need.
+pub fn has_admin_capabilities() -> bool {
+    const CAP_NET_ADMIN: u32 = 12;
+    const CAP_SYS_ADMIN: u32 = 21;
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_NET_ADMIN) != 0 && caps & (1 << CAP_SYS_ADMIN) != 0)
+}
+
+/// Identity (device, inode) of a namespace file.
+fn ns_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.dev(), meta.ino()))
+}
+
+/// Whether the calling thread is in the machine's initial network namespace
+/// (that of pid 1): code that changes network configuration refuses to run
+/// there.
+pub fn in_root_namespace() -> bool {
+    match (
+        ns_id(Path::new("/proc/thread-self/ns/net")),
+        ns_id(Path::new("/proc/1/ns/net")),
+    ) {
+        (Some(a), Some(b)) => a == b,
+        // If we cannot tell, assume the worst.
+        _ => true,
+    }
+}
+
+/// Ids of the processes whose network namespace is the one at `path`.
+pub fn pids_in(path: &Path) -> Vec<u32> {
+    let Some(target) = ns_id(path) else {
+        return Vec::new();
+    };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            ns_id(&Path::new("/proc").join(pid.to_string()).join("ns/net")) == Some(target)
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// Sends SIGKILL to process `pid`. Errors (already gone) are ignored.
+pub fn kill(pid: u32) {
+    if let Ok(pid) = i32::try_from(pid) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+    }
+}

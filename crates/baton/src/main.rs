@@ -1,1 +1,45 @@
-fn main() {}
+//! The `baton` command.
+
+mod demo;
+mod lab;
+
+use clap::{Parser, Subcommand};
+
+/// baton keeps TCP services and their clients' live connections running
+/// across node failure, maintenance and rebalancing.
+#[derive(Parser)]
+#[command(name = "baton", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Subcommand)]
+enum Commands {
+    /// Virtual clusters in network namespaces (needs root).
+    Lab(lab::LabArgs),
+    /// Builds a lab, shows its hosts reaching each other, removes it.
+    Demo(demo::DemoArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BATON_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Commands::Lab(args) => lab::run(args),
+        Commands::Demo(args) => demo::run(args),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("baton: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! TCP counters of a host's stack, to prove that no connection was reset.
+
+use std::collections::HashMap;
+
+/// Reset and abort counters of one network namespace
+/// (`/proc/net/netstat`, `/proc/net/snmp`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TcpCounters {
+    /// `Tcp: OutRsts`: resets this stack sent.
+    pub out_rsts: u64,
+    /// `Tcp: EstabResets`: established connections that were reset.
+    pub estab_resets: u64,
+    /// `Tcp: AttemptFails`: connects that failed (refused, reset).
+    pub attempt_fails: u64,
+    /// Sum of `TcpExt: TCPAbortOn*`: connections aborted.
+    pub aborts: u64,
+}
+
+impl TcpCounters {
+    /// Reads the counters of the calling thread's network namespace.
+    pub fn read_current() -> std::io::Result<TcpCounters> {
+        let snmp = parse(&std::fs::read_to_string("/proc/thread-self/net/snmp")?);
+        let netstat = parse(&std::fs::read_to_string("/proc/thread-self/net/netstat")?);
+        let get = |table: &HashMap<String, u64>, key: &str| table.get(key).copied().unwrap_or(0);
+        Ok(TcpCounters {
+            out_rsts: get(&snmp, "Tcp:OutRsts"),
+            estab_resets: get(&snmp, "Tcp:EstabResets"),
+            attempt_fails: get(&snmp, "Tcp:AttemptFails"),
+            aborts: netstat
+                .iter()
+                .filter(|(k, _)| k.starts_with("TcpExt:TCPAbortOn"))
+                .map(|(_, v)| *v)
+                .sum(),
+        })
+    }
+
+    /// How many resets and aborts happened between `earlier` and `self`.
+    pub fn resets_since(&self, earlier: &TcpCounters) -> u64 {
+        (self.out_rsts - earlier.out_rsts.min(self.out_rsts))
+            + (self.estab_resets - earlier.estab_resets.min(self.estab_resets))
+            + (self.aborts - earlier.aborts.min(self.aborts))
+    }
+}
+
+/// Parses the header/value line pairs of /proc/net/snmp and netstat into
+/// `Prefix:Name -> value`.
+fn parse(text: &str) -> HashMap<String, u64> {
+    let mut out = HashMap::new();
+    let lines: Vec<&str> = text.lines().collect();
+    for pair in lines.chunks(2) {
+        let [names, values] = pair else { continue };
+        let mut names = names.split_whitespace();
+        let mut values = values.split_whitespace();
+        let (Some(prefix), Some(_)) = (names.next(), values.next()) else {
+            continue;
+        };
+        for (name, value) in names.zip(values) {
+            if let Ok(v) = value.parse::<i64>() {
+                out.insert(format!("{prefix}{name}"), v.max(0) as u64);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_tables() {
+        let t = parse("Tcp: RtoAlgorithm OutRsts EstabResets\nTcp: 1 7 2\nTcpExt: TCPAbortOnData TCPAbortOnClose\nTcpExt: 3 4\n");
+        assert_eq!(t["Tcp:OutRsts"], 7);
+        assert_eq!(t["TcpExt:TCPAbortOnClose"], 4);
+    }
+}
