@@ -98,7 +98,11 @@ pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, WireError> {
 }
 
 /// Decodes exactly one whole frame.
-pub fn decode<T: DeserializeOwned>(magic: [u8; 4], version: u16, bytes: &[u8]) -> Result<T, WireError> {
+pub fn decode<T: DeserializeOwned>(
+    magic: [u8; 4],
+    version: u16,
+    bytes: &[u8],
+) -> Result<T, WireError> {
     let header = parse_header(magic, version, bytes)?;
     let end = HEADER_LEN + header.body_len;
     if bytes.len() < end {
@@ -123,28 +127,46 @@ mod tests {
     fn round_trip() {
         let v = (7u32, String::from("hello"), vec![1u8, 2, 3]);
         let bytes = encode(MAGIC, 3, &v);
-        assert_eq!(decode::<(u32, String, Vec<u8>)>(MAGIC, 3, &bytes).unwrap(), v);
+        assert_eq!(
+            decode::<(u32, String, Vec<u8>)>(MAGIC, 3, &bytes).unwrap(),
+            v
+        );
     }
 
     #[test]
     fn every_truncation_is_refused() {
         let bytes = encode(MAGIC, 1, &(1u64, vec![9u8; 40]));
         for cut in 0..bytes.len() {
-            assert!(decode::<(u64, Vec<u8>)>(MAGIC, 1, &bytes[..cut]).is_err(), "cut {cut}");
+            assert!(
+                decode::<(u64, Vec<u8>)>(MAGIC, 1, &bytes[..cut]).is_err(),
+                "cut {cut}"
+            );
         }
     }
 
     #[test]
     fn wrong_magic_version_and_size_are_refused() {
         let bytes = encode(MAGIC, 1, &5u8);
-        assert!(matches!(decode::<u8>(*b"NOPE", 1, &bytes), Err(WireError::BadMagic { .. })));
-        assert!(matches!(decode::<u8>(MAGIC, 2, &bytes), Err(WireError::BadVersion { .. })));
+        assert!(matches!(
+            decode::<u8>(*b"NOPE", 1, &bytes),
+            Err(WireError::BadMagic { .. })
+        ));
+        assert!(matches!(
+            decode::<u8>(MAGIC, 2, &bytes),
+            Err(WireError::BadVersion { .. })
+        ));
         let mut huge = bytes.clone();
         huge[6..10].copy_from_slice(&u32::MAX.to_be_bytes());
-        assert!(matches!(decode::<u8>(MAGIC, 1, &huge), Err(WireError::TooLarge(_))));
+        assert!(matches!(
+            decode::<u8>(MAGIC, 1, &huge),
+            Err(WireError::TooLarge(_))
+        ));
         let mut trailing = bytes;
         trailing.push(0);
-        assert!(matches!(decode::<u8>(MAGIC, 1, &trailing), Err(WireError::Trailing(1))));
+        assert!(matches!(
+            decode::<u8>(MAGIC, 1, &trailing),
+            Err(WireError::Trailing(1))
+        ));
     }
 
     proptest::proptest! {

@@ -16,6 +16,13 @@ pub enum Role {
     Client,
 }
 
+/// Global addresses found on a host.
+pub(crate) struct HostAddresses {
+    pub v4: Option<Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
+    pub extra: Vec<String>,
+}
+
 /// One host of a lab: a network namespace with `lo` and `eth0`.
 #[derive(Debug, Clone)]
 pub struct Host {
@@ -83,9 +90,7 @@ impl Host {
 
     /// Global addresses now on the host: its own IPv4 and IPv6 (if present)
     /// and any others (VIPs).
-    pub(crate) fn read_addresses(
-        &self,
-    ) -> Result<(Option<Ipv4Addr>, Option<Ipv6Addr>, Vec<String>), LabError> {
+    pub(crate) fn read_addresses(&self) -> Result<HostAddresses, LabError> {
         let mut v4 = None;
         let mut v6 = None;
         let mut extra = Vec::new();
@@ -107,7 +112,7 @@ impl Host {
                 }
             }
         }
-        Ok((v4, v6, extra))
+        Ok(HostAddresses { v4, v6, extra })
     }
 }
 

@@ -531,7 +531,7 @@ impl Lab {
                     }
                 }
             };
-            let (ipv4, ipv6, extra) = host.read_addresses()?;
+            let addresses = host.read_addresses()?;
             let processes = baton_net::netns::pids_in(&host.netns_path())
                 .into_iter()
                 .map(|pid| ProcessStatus {
@@ -545,9 +545,9 @@ impl Lab {
                 name: host.name.clone(),
                 role: host.role,
                 netns: host.netns.clone(),
-                ipv4,
-                ipv6,
-                extra_addresses: extra,
+                ipv4: addresses.v4,
+                ipv6: addresses.v6,
+                extra_addresses: addresses.extra,
                 link: link.to_owned(),
                 processes,
             });

@@ -1,4 +1,7 @@
 //! Every Linux interface baton uses. All `unsafe` code and raw syscalls of
 //! the project live in this crate; the others call its safe functions.
 
+pub mod hold;
 pub mod netns;
+pub mod repair;
+pub mod vip;

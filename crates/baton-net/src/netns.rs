@@ -128,18 +128,30 @@ fn ns_id(path: &Path) -> Option<(u64, u64)> {
     Some((meta.dev(), meta.ino()))
 }
 
-/// Whether the calling thread is in the machine's initial network namespace
-/// (that of pid 1): code that changes network configuration refuses to run
-/// there.
-pub fn in_root_namespace() -> bool {
-    match (
-        ns_id(Path::new("/proc/thread-self/ns/net")),
-        ns_id(Path::new("/proc/1/ns/net")),
-    ) {
-        (Some(a), Some(b)) => a == b,
-        // If we cannot tell, assume the worst.
-        _ => true,
+/// Inode of the initial network namespace on kernels that give it a fixed
+/// one (`PROC_NET_INIT_INO`); dynamic ones start at 0xF0000000.
+const PROC_NET_INIT_INO: u64 = 0xEFFF_FFF9;
+
+/// Whether the calling thread is in the machine's initial network namespace:
+/// the one of PID 1, or when PID 1's is not readable (a hardened or foreign
+/// init), the one of PID 2 (kthreadd, a kernel thread, always in the initial
+/// one). Code that changes network configuration refuses to run there.
+pub fn in_root_namespace() -> std::io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let me = std::fs::metadata("/proc/thread-self/ns/net")?;
+    if me.ino() == PROC_NET_INIT_INO {
+        return Ok(true);
     }
+    let mut first_err = None;
+    for reference in ["/proc/1/ns/net", "/proc/2/ns/net"] {
+        match std::fs::metadata(reference) {
+            Ok(init) => return Ok(me.ino() == init.ino() && me.dev() == init.dev()),
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_err.expect("two references tried"))
 }
 
 /// Ids of the processes whose network namespace is the one at `path`.

@@ -1,5 +1,6 @@
 //! The `baton` command.
 
+mod bench;
 mod demo;
 mod lab;
 
@@ -20,13 +21,22 @@ enum Commands {
     Lab(lab::LabArgs),
     /// Builds a lab, shows its hosts reaching each other, removes it.
     Demo(demo::DemoArgs),
+    /// Benchmarks in the lab (needs root); JSON with --json.
+    Bench(bench::BenchArgs),
 }
 
 fn main() {
     tracing_subscriber::fmt()
+        // Newer kernels send netlink attributes the parser does not know
+        // yet; it says so on every message.
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BATON_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"))
+                .add_directive(
+                    "netlink_packet_route=error"
+                        .parse()
+                        .expect("static directive"),
+                ),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -34,6 +44,7 @@ fn main() {
     let result = match cli.command {
         Commands::Lab(args) => lab::run(args),
         Commands::Demo(args) => demo::run(args),
+        Commands::Bench(args) => bench::run(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

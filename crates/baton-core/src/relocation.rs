@@ -1,0 +1,454 @@
+//! The move protocol: how a source node hands a VIP and its live TCP
+//! connections to a target node.
+//!
+//! ```text
+//! source                                   target
+//!  hold VIP traffic, freeze connections
+//!  ── Offer{vip, connections} ───────────►  hold, thaw every connection,
+//!                                           add the VIP (not announced yet)
+//!  ◄────────────────────── Ready{thawed} ──  (or Refused{reason}: nothing kept)
+//!  drop the VIP, take the packets held
+//!  ── Commit{held_packets} ──────────────►  announce the VIP, release the
+//!                                           hold, re-inject held packets
+//!  ◄─────────────────────────────── Done ──
+//!  close frozen sockets silently
+//! ```
+//!
+//! Until the source sends `Commit` the move can be rolled back: the source
+//! resumes its frozen sockets and releases its own hold, the target closes
+//! what it thawed without a FIN or RST and drops the VIP. After `Commit` the
+//! connections belong to the target.
+//!
+//! Every message is one [`crate::wire`] frame; [`MoveSession`] checks that
+//! each message is the one expected at that point, so a confused or hostile
+//! peer is refused rather than obeyed.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::tcp_state::TcpConnState;
+use crate::wire::{self, WireError};
+
+/// Frame magic of move messages.
+pub const MAGIC: [u8; 4] = *b"BTMV";
+/// Version of the move protocol this build speaks.
+pub const VERSION: u16 = 1;
+
+/// A virtual address and the TCP ports of it that a service uses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vip {
+    pub addr: IpAddr,
+    /// Prefix length the address is installed with.
+    pub prefix_len: u8,
+    /// TCP ports held during a move; empty means every TCP port.
+    pub ports: Vec<u16>,
+}
+
+impl Vip {
+    /// Checks what a peer could get wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        let max = if self.addr.is_ipv4() { 32 } else { 128 };
+        if self.prefix_len == 0 || self.prefix_len > max {
+            return Err(format!(
+                "VIP {} has prefix length {}, expected 1..={max}",
+                self.addr, self.prefix_len
+            ));
+        }
+        if self.addr.is_unspecified() || self.addr.is_multicast() || self.addr.is_loopback() {
+            return Err(format!("{} cannot be a VIP", self.addr));
+        }
+        if self.ports.contains(&0) {
+            return Err("VIP port 0 is not a port".into());
+        }
+        Ok(())
+    }
+}
+
+/// One connection handed over: its kernel state and the application's
+/// state for it (opaque here).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnHandoff {
+    /// Identifies the connection to the application across nodes.
+    pub id: u64,
+    /// The frozen socket, encoded by [`TcpConnState::encode`].
+    pub tcp: Vec<u8>,
+    /// Application bytes for this connection (e.g. output not yet written).
+    pub app: Vec<u8>,
+}
+
+impl ConnHandoff {
+    pub fn new(id: u64, tcp: &TcpConnState, app: Vec<u8>) -> ConnHandoff {
+        ConnHandoff {
+            id,
+            tcp: tcp.encode(),
+            app,
+        }
+    }
+
+    /// Decodes and checks the socket state.
+    pub fn tcp_state(&self) -> Result<TcpConnState, WireError> {
+        TcpConnState::decode(&self.tcp)
+    }
+}
+
+/// A message of the move protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MoveMessage {
+    /// Source → target: take these connections and this VIP.
+    Offer {
+        move_id: u64,
+        vip: Vip,
+        connections: Vec<ConnHandoff>,
+    },
+    /// Target → source: every connection is thawed, the hold is in place.
+    Ready { move_id: u64, thawed: u32 },
+    /// Target → source: the target keeps nothing; the source keeps serving.
+    Refused { move_id: u64, reason: String },
+    /// Source → target: the VIP is yours; these packets reached me during
+    /// the hold (whole IP packets, in arrival order).
+    Commit {
+        move_id: u64,
+        held_packets: Vec<Vec<u8>>,
+    },
+    /// Target → source: the target serves; the source may close its copies.
+    Done { move_id: u64 },
+}
+
+impl MoveMessage {
+    pub fn encode(&self) -> Vec<u8> {
+        wire::encode(MAGIC, VERSION, self)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<MoveMessage, WireError> {
+        wire::decode(MAGIC, VERSION, bytes)
+    }
+
+    pub fn move_id(&self) -> u64 {
+        match self {
+            MoveMessage::Offer { move_id, .. }
+            | MoveMessage::Ready { move_id, .. }
+            | MoveMessage::Refused { move_id, .. }
+            | MoveMessage::Commit { move_id, .. }
+            | MoveMessage::Done { move_id } => *move_id,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            MoveMessage::Offer { .. } => "Offer",
+            MoveMessage::Ready { .. } => "Ready",
+            MoveMessage::Refused { .. } => "Refused",
+            MoveMessage::Commit { .. } => "Commit",
+            MoveMessage::Done { .. } => "Done",
+        }
+    }
+}
+
+/// Which end of a move this session is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Source,
+    Target,
+}
+
+/// Where a move stands, as seen by one end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Source: nothing sent yet. Target: waiting for an offer.
+    Start,
+    /// Offer sent (source) or received (target).
+    Offered,
+    /// Target answered Ready.
+    Ready,
+    /// Commit sent (source) or received (target): the target owns the VIP.
+    Committed,
+    /// Done: the move is complete on both ends.
+    Done,
+    /// Refused or rolled back: the source still serves.
+    Aborted,
+}
+
+/// A message that does not fit the protocol at this point.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("unexpected {got} in phase {phase:?}")]
+    Unexpected { got: &'static str, phase: Phase },
+    #[error("message for move {got}, this is move {expected}")]
+    WrongMove { expected: u64, got: u64 },
+    #[error("invalid offer: {0}")]
+    BadOffer(String),
+    #[error("target refused: {0}")]
+    Refused(String),
+    #[error("target thawed {thawed} of {offered} connections")]
+    Incomplete { thawed: u32, offered: u32 },
+}
+
+/// The sans-IO bookkeeping of one move at one end: feed it every message
+/// sent and received; it says whether the exchange is well-formed.
+#[derive(Debug, Clone)]
+pub struct MoveSession {
+    role: Role,
+    phase: Phase,
+    move_id: Option<u64>,
+    offered: u32,
+}
+
+impl MoveSession {
+    pub fn new(role: Role) -> MoveSession {
+        MoveSession {
+            role,
+            phase: Phase::Start,
+            move_id: None,
+            offered: 0,
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Records a message this end sends; refuses one out of order (a bug
+    /// on our side, reported rather than sent).
+    pub fn on_send(&mut self, msg: &MoveMessage) -> Result<(), ProtocolError> {
+        self.step(msg, true)
+    }
+
+    /// Checks and records a message received from the peer.
+    pub fn on_receive(&mut self, msg: &MoveMessage) -> Result<(), ProtocolError> {
+        self.step(msg, false)
+    }
+
+    /// Marks the move as abandoned (rollback).
+    pub fn abort(&mut self) {
+        if self.phase != Phase::Done && self.phase != Phase::Committed {
+            self.phase = Phase::Aborted;
+        }
+    }
+
+    fn step(&mut self, msg: &MoveMessage, sending: bool) -> Result<(), ProtocolError> {
+        if let Some(expected) = self.move_id {
+            if msg.move_id() != expected {
+                return Err(ProtocolError::WrongMove {
+                    expected,
+                    got: msg.move_id(),
+                });
+            }
+        }
+        let from_source = sending == (self.role == Role::Source);
+        let unexpected = ProtocolError::Unexpected {
+            got: msg.kind(),
+            phase: self.phase,
+        };
+        self.phase = match (self.phase, msg, from_source) {
+            (
+                Phase::Start,
+                MoveMessage::Offer {
+                    vip, connections, ..
+                },
+                true,
+            ) => {
+                vip.validate().map_err(ProtocolError::BadOffer)?;
+                let mut ids: Vec<u64> = connections.iter().map(|c| c.id).collect();
+                ids.sort_unstable();
+                if ids.windows(2).any(|w| w[0] == w[1]) {
+                    return Err(ProtocolError::BadOffer("duplicate connection id".into()));
+                }
+                self.offered = u32::try_from(connections.len())
+                    .map_err(|_| ProtocolError::BadOffer("too many connections".into()))?;
+                self.move_id = Some(msg.move_id());
+                Phase::Offered
+            }
+            (Phase::Offered, MoveMessage::Ready { thawed, .. }, false) => {
+                if *thawed != self.offered {
+                    self.phase = Phase::Aborted;
+                    return Err(ProtocolError::Incomplete {
+                        thawed: *thawed,
+                        offered: self.offered,
+                    });
+                }
+                Phase::Ready
+            }
+            (Phase::Offered, MoveMessage::Refused { reason, .. }, false) => {
+                self.phase = Phase::Aborted;
+                if sending {
+                    return Ok(());
+                }
+                return Err(ProtocolError::Refused(reason.clone()));
+            }
+            (Phase::Ready, MoveMessage::Commit { .. }, true) => Phase::Committed,
+            (Phase::Committed, MoveMessage::Done { .. }, false) => Phase::Done,
+            _ => return Err(unexpected),
+        };
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tcp_state::{RepairWindow, SocketOptions, TcpOptions, TcpState};
+
+    fn sample_state() -> TcpConnState {
+        TcpConnState {
+            local: "198.18.100.1:7000".parse().unwrap(),
+            remote: "198.18.2.1:40000".parse().unwrap(),
+            state: TcpState::Established,
+            send_seq: 1000,
+            unacked: vec![1; 10],
+            unsent: vec![2; 5],
+            recv_seq: 5000,
+            unread: vec![3; 7],
+            options: TcpOptions {
+                mss: 1460,
+                window_scale: None,
+                sack_permitted: true,
+                timestamps: true,
+            },
+            timestamp: 12345,
+            window: RepairWindow {
+                snd_wl1: 5000,
+                snd_wnd: 65535,
+                max_window: 65535,
+                rcv_wnd: 65535,
+                rcv_wup: 5007,
+            },
+            sockopts: SocketOptions::default(),
+        }
+    }
+
+    fn offer(id: u64, n: u64) -> MoveMessage {
+        MoveMessage::Offer {
+            move_id: id,
+            vip: Vip {
+                addr: "198.18.100.1".parse().unwrap(),
+                prefix_len: 32,
+                ports: vec![7000],
+            },
+            connections: (0..n)
+                .map(|i| ConnHandoff::new(i, &sample_state(), vec![1, 2, 3]))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_whole_move_is_accepted_at_both_ends() {
+        let mut src = MoveSession::new(Role::Source);
+        let mut dst = MoveSession::new(Role::Target);
+        let msgs = [
+            offer(9, 2),
+            MoveMessage::Ready {
+                move_id: 9,
+                thawed: 2,
+            },
+            MoveMessage::Commit {
+                move_id: 9,
+                held_packets: vec![vec![0x45; 40]],
+            },
+            MoveMessage::Done { move_id: 9 },
+        ];
+        for (i, m) in msgs.iter().enumerate() {
+            let wire = MoveMessage::decode(&m.encode()).unwrap();
+            assert_eq!(&wire, m);
+            if i % 2 == 0 {
+                src.on_send(m).unwrap();
+                dst.on_receive(&wire).unwrap();
+            } else {
+                dst.on_send(m).unwrap();
+                src.on_receive(&wire).unwrap();
+            }
+        }
+        assert_eq!(src.phase(), Phase::Done);
+        assert_eq!(dst.phase(), Phase::Done);
+    }
+
+    #[test]
+    fn out_of_order_wrong_move_and_incomplete_are_refused() {
+        let mut dst = MoveSession::new(Role::Target);
+        assert!(dst
+            .on_receive(&MoveMessage::Commit {
+                move_id: 1,
+                held_packets: vec![]
+            })
+            .is_err());
+        dst.on_receive(&offer(1, 1)).unwrap();
+        assert!(matches!(
+            dst.on_send(&MoveMessage::Ready {
+                move_id: 2,
+                thawed: 1
+            }),
+            Err(ProtocolError::WrongMove { .. })
+        ));
+        let mut src = MoveSession::new(Role::Source);
+        src.on_send(&offer(3, 5)).unwrap();
+        assert!(matches!(
+            src.on_receive(&MoveMessage::Ready {
+                move_id: 3,
+                thawed: 4
+            }),
+            Err(ProtocolError::Incomplete { .. })
+        ));
+        assert_eq!(src.phase(), Phase::Aborted);
+    }
+
+    #[test]
+    fn refusal_aborts_and_bad_offers_are_refused() {
+        let mut src = MoveSession::new(Role::Source);
+        src.on_send(&offer(4, 1)).unwrap();
+        assert!(matches!(
+            src.on_receive(&MoveMessage::Refused {
+                move_id: 4,
+                reason: "no".into()
+            }),
+            Err(ProtocolError::Refused(_))
+        ));
+        assert_eq!(src.phase(), Phase::Aborted);
+
+        let mut dst = MoveSession::new(Role::Target);
+        let MoveMessage::Offer {
+            mut connections, ..
+        } = offer(5, 2)
+        else {
+            unreachable!()
+        };
+        connections[1].id = connections[0].id;
+        let dup = MoveMessage::Offer {
+            move_id: 5,
+            vip: Vip {
+                addr: "::".parse().unwrap(),
+                prefix_len: 128,
+                ports: vec![],
+            },
+            connections,
+        };
+        assert!(matches!(
+            dst.on_receive(&dup),
+            Err(ProtocolError::BadOffer(_))
+        ));
+    }
+
+    #[test]
+    fn truncated_messages_are_refused() {
+        let bytes = offer(7, 3).encode();
+        for cut in 0..bytes.len() {
+            assert!(MoveMessage::decode(&bytes[..cut]).is_err());
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn garbage_never_panics(data in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let mut framed = MAGIC.to_vec();
+            framed.extend_from_slice(&VERSION.to_be_bytes());
+            framed.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            framed.extend_from_slice(&data);
+            if let Ok(m) = MoveMessage::decode(&framed) {
+                let mut s = MoveSession::new(Role::Target);
+                let _ = s.on_receive(&m);
+                if let MoveMessage::Offer { connections, .. } = m {
+                    for c in connections { let _ = c.tcp_state(); }
+                }
+            }
+        }
+    }
+}

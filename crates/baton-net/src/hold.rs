@@ -1,0 +1,814 @@
+//! The fail-closed hold of a VIP's TCP traffic.
+//!
+//! [`Hold::install`] binds an NFQUEUE queue and inserts, in the raw table's
+//! PREROUTING chain, `-d VIP -p tcp [--dport …] -j NFQUEUE --queue-num N`
+//! rules tagged `-m comment --comment baton-hold:<VIP>`. There is no
+//! `--queue-bypass`: if nobody reads the queue, the packets are dropped, never
+//! answered by a kernel that lacks the socket (no RST). The queue is also set
+//! fail-closed (no fail-open when full) and its length raised to
+//! [`QUEUE_MAX_LEN`] (the kernel default is 1024).
+//!
+//! A reader thread keeps every held packet without a verdict until told:
+//! [`Hold::accept_all`] lets them into the local TCP stack in arrival order,
+//! [`Hold::take_dropped`] drops them and hands their bytes over (to forward
+//! to the new owner, which re-injects them with [`inject`]).
+//!
+//! # Namespaces
+//!
+//! Everything here acts on the network namespace of the **calling thread**:
+//! the NFQUEUE socket is created by it, `iptables` runs as its child (a child
+//! inherits the namespace of the thread that forks it), and the reader
+//! thread is spawned from it. A [`Hold`] keeps a handle on that namespace and
+//! removes its rules there (the `iptables` child `setns`es into it), whichever
+//! thread drops or releases it. [`Hold::install`] and [`sweep`] refuse to run
+//! in the root network namespace (the one of PID 1).
+//!
+//! # Reader
+//!
+//! The `nfq` crate's queue is blocking and does not expose its descriptor,
+//! and verdicts must go through the socket that received the packets. The
+//! reader therefore owns the queue on its own thread, reads it nonblocking
+//! and waits on its command channel for at most [`POLL`] between reads:
+//! commands are served at once, packets are picked up within a millisecond
+//! (they are held anyway). The netlink socket buffer (`rmem_default`,
+//! ~200 KiB) must hold what arrives in that millisecond.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::vip::{cvt, new_socket, setsockopt_int, sockaddr_in, sockaddr_in6};
+
+/// Comment prefix of every rule we install (`baton-hold:<VIP>`).
+pub const HOLD_COMMENT_PREFIX: &str = "baton-hold:";
+/// NFQUEUE kernel queue length we ask for (the default is 1024).
+pub const QUEUE_MAX_LEN: u32 = 16384;
+/// Longest wait of the reader between two reads of the queue.
+pub const POLL: Duration = Duration::from_millis(1);
+/// multiport takes at most 15 ports per rule.
+const MULTIPORT_MAX: usize = 15;
+
+/// Errors of hold operations. Every message is one line.
+#[derive(Debug, thiserror::Error)]
+pub enum HoldError {
+    #[error("refusing to act in the root network namespace: call this from a thread inside a lab or node namespace")]
+    RootNamespace,
+    #[error("cannot tell which network namespace this thread is in: {0}")]
+    NamespaceCheck(io::Error),
+    #[error("{0} not found: install iptables")]
+    MissingTool(&'static str),
+    #[error("permission denied: cannot {0} (needs root / CAP_NET_ADMIN)")]
+    PermissionDenied(String),
+    #[error("{tool} {args} failed: {stderr}")]
+    Iptables {
+        tool: &'static str,
+        args: String,
+        stderr: String,
+    },
+    #[error("NFQUEUE {queue_num}: cannot {op}: {source}")]
+    Queue {
+        queue_num: u16,
+        op: &'static str,
+        source: io::Error,
+    },
+    #[error("port 0 cannot be held")]
+    PortZero,
+    #[error("empty port list: pass Ports::AllTcp to hold every port")]
+    NoPorts,
+    #[error("the hold reader thread of {0} is gone")]
+    ReaderGone(IpAddr),
+    #[error("packet {index}: {reason}")]
+    BadPacket { index: usize, reason: &'static str },
+    #[error("loopback is down in this network namespace: injected packets would be lost (ip link set lo up)")]
+    LoopbackDown,
+    #[error("cannot inject packets: {op}: {source}")]
+    Inject { op: &'static str, source: io::Error },
+}
+
+/// Which TCP ports of the VIP to hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ports {
+    /// Every TCP packet to the VIP.
+    AllTcp,
+    /// TCP packets to these destination ports.
+    Tcp(Vec<u16>),
+}
+
+impl From<&[u16]> for Ports {
+    fn from(ports: &[u16]) -> Self {
+        Ports::Tcp(ports.to_vec())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// namespace guard
+
+/// Whether the calling thread is in the root network namespace.
+pub fn in_root_netns() -> Result<bool, HoldError> {
+    crate::netns::in_root_namespace().map_err(HoldError::NamespaceCheck)
+}
+
+/// Errors with [`HoldError::RootNamespace`] in the root network namespace.
+pub fn ensure_not_root_netns() -> Result<(), HoldError> {
+    if in_root_netns()? {
+        Err(HoldError::RootNamespace)
+    } else {
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// iptables
+
+fn tool_for(vip: IpAddr) -> &'static str {
+    if vip.is_ipv4() {
+        "iptables"
+    } else {
+        "ip6tables"
+    }
+}
+
+/// Runs `tool args…` in `netns` (an open `/proc/…/ns/net`), or in the calling
+/// thread's namespace; returns stdout.
+fn iptables(
+    tool: &'static str,
+    args: &[String],
+    netns: Option<&File>,
+) -> Result<String, HoldError> {
+    let mut cmd = Command::new(tool);
+    cmd.args(args);
+    if let Some(ns) = netns {
+        let fd = ns.as_raw_fd();
+        // SAFETY: setns(2) is async-signal-safe; fd stays open until exec.
+        unsafe {
+            cmd.pre_exec(move || cvt(libc::setns(fd, libc::CLONE_NEWNET)).map(|_| ()));
+        }
+    }
+    let out = cmd.output().map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => HoldError::MissingTool(tool),
+        io::ErrorKind::PermissionDenied => HoldError::PermissionDenied(format!("run {tool}")),
+        _ => HoldError::Iptables {
+            tool,
+            args: args.join(" "),
+            stderr: e.to_string(),
+        },
+    })?;
+    if out.status.success() {
+        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let first = stderr
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("no error message")
+        .to_owned();
+    if first.contains("Permission denied") || first.contains("Operation not permitted") {
+        return Err(HoldError::PermissionDenied(format!(
+            "run {tool} {}",
+            args.join(" ")
+        )));
+    }
+    Err(HoldError::Iptables {
+        tool,
+        args: args.join(" "),
+        stderr: first,
+    })
+}
+
+/// The match and target part of each rule for `vip`.
+fn rule_specs(vip: IpAddr, ports: &Ports, queue_num: u16) -> Vec<Vec<String>> {
+    let base = |port_match: Vec<String>| {
+        let mut spec: Vec<String> = vec!["-d".into(), vip.to_string(), "-p".into(), "tcp".into()];
+        spec.extend(port_match);
+        // Segments a thaw injects on the peer's behalf (its FIN) must reach
+        // the socket being rebuilt, hold or not.
+        spec.extend([
+            "-m".to_string(),
+            "mark".into(),
+            "!".into(),
+            "--mark".into(),
+            format!("{INJECT_MARK:#x}"),
+        ]);
+        spec.extend(
+            [
+                "-m",
+                "comment",
+                "--comment",
+                &format!("{HOLD_COMMENT_PREFIX}{vip}"),
+                "-j",
+                "NFQUEUE",
+                "--queue-num",
+                &queue_num.to_string(),
+            ]
+            .map(String::from),
+        );
+        spec
+    };
+    match ports {
+        Ports::AllTcp => vec![base(vec![])],
+        Ports::Tcp(list) => {
+            let mut list = list.clone();
+            list.sort_unstable();
+            list.dedup();
+            list.chunks(MULTIPORT_MAX)
+                .map(|chunk| {
+                    if let [one] = chunk {
+                        base(vec!["--dport".into(), one.to_string()])
+                    } else {
+                        let joined = chunk
+                            .iter()
+                            .map(u16::to_string)
+                            .collect::<Vec<_>>()
+                            .join(",");
+                        base(vec![
+                            "-m".into(),
+                            "multiport".into(),
+                            "--dports".into(),
+                            joined,
+                        ])
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+fn raw_prerouting(op: &str, spec: &[String]) -> Vec<String> {
+    let mut args: Vec<String> = ["-w", "-t", "raw", op, "PREROUTING"]
+        .map(String::from)
+        .to_vec();
+    if op == "-I" {
+        args.push("1".into());
+    }
+    args.extend_from_slice(spec);
+    args
+}
+
+/// Deletes one rule; a rule already gone is fine.
+fn delete_rule(tool: &'static str, spec: &[String], netns: Option<&File>) -> Result<(), HoldError> {
+    match iptables(tool, &raw_prerouting("-D", spec), netns) {
+        Ok(_) => Ok(()),
+        Err(HoldError::Iptables { stderr, .. })
+            if stderr.contains("does a matching rule exist")
+                || stderr.contains("No chain/target/match") =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes every `baton-hold:` rule of the raw PREROUTING chains (IPv4 and
+/// IPv6) of the calling thread's namespace, as left by a crashed run; returns
+/// how many. Idempotent. Removes the rules of live holds too: call it at
+/// start-up, before installing any.
+pub fn sweep() -> Result<usize, HoldError> {
+    ensure_not_root_netns()?;
+    let mut removed = 0;
+    for tool in ["iptables", "ip6tables"] {
+        let listing = iptables(
+            tool,
+            &["-w", "-t", "raw", "-S", "PREROUTING"].map(String::from),
+            None,
+        )?;
+        for line in listing.lines() {
+            if !line.starts_with("-A PREROUTING ") || !line.contains(HOLD_COMMENT_PREFIX) {
+                continue;
+            }
+            // Our rules hold no spaces inside arguments; -S only quotes the comment.
+            let spec: Vec<String> = line
+                .split_whitespace()
+                .skip(2)
+                .map(|t| t.trim_matches('"').to_owned())
+                .collect();
+            delete_rule(tool, &spec, None)?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// The `baton-hold:` rules currently in the raw PREROUTING chains of the
+/// calling thread's namespace, as `iptables -S` prints them.
+pub fn list_rules() -> Result<Vec<String>, HoldError> {
+    let mut rules = Vec::new();
+    for tool in ["iptables", "ip6tables"] {
+        let listing = iptables(
+            tool,
+            &["-w", "-t", "raw", "-S", "PREROUTING"].map(String::from),
+            None,
+        )?;
+        rules.extend(
+            listing
+                .lines()
+                .filter(|l| l.contains(HOLD_COMMENT_PREFIX))
+                .map(str::to_owned),
+        );
+    }
+    Ok(rules)
+}
+
+// ---------------------------------------------------------------------------
+// the reader
+
+enum Cmd {
+    Accept(mpsc::Sender<Result<usize, io::Error>>),
+    Drop(mpsc::Sender<Result<Vec<Vec<u8>>, io::Error>>),
+    Stop,
+}
+
+struct Reader {
+    queue: nfq::Queue,
+    held: VecDeque<nfq::Message>,
+    count: Arc<AtomicUsize>,
+    /// First read error since the last command (reported with it).
+    error: Option<io::Error>,
+}
+
+impl Reader {
+    /// Reads every message the kernel has for us now.
+    fn drain(&mut self) {
+        loop {
+            match self.queue.recv() {
+                Ok(msg) => {
+                    self.held.push_back(msg);
+                    self.count.store(self.held.len(), Ordering::Release);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the hold queue");
+                    self.error.get_or_insert(e);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Gives every held packet `verdict`, in arrival order; returns how many,
+    /// and the bytes of the packets if `keep`.
+    fn verdict_all(
+        &mut self,
+        verdict: nfq::Verdict,
+        keep: bool,
+    ) -> Result<(usize, Vec<Vec<u8>>), io::Error> {
+        self.drain();
+        let mut bytes = Vec::new();
+        let mut first_err = self.error.take();
+        let n = self.held.len();
+        while let Some(mut msg) = self.held.pop_front() {
+            if keep {
+                bytes.push(msg.get_payload().to_vec());
+            }
+            msg.set_verdict(verdict);
+            if let Err(e) = self.queue.verdict(msg) {
+                first_err.get_or_insert(e);
+            }
+        }
+        self.count.store(0, Ordering::Release);
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok((n, bytes)),
+        }
+    }
+
+    fn run(mut self, commands: mpsc::Receiver<Cmd>) {
+        loop {
+            self.drain();
+            match commands.recv_timeout(POLL) {
+                Ok(Cmd::Accept(reply)) => {
+                    let _ = reply.send(
+                        self.verdict_all(nfq::Verdict::Accept, false)
+                            .map(|(n, _)| n),
+                    );
+                }
+                Ok(Cmd::Drop(reply)) => {
+                    let _ = reply.send(self.verdict_all(nfq::Verdict::Drop, true).map(|(_, b)| b));
+                }
+                Ok(Cmd::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    // Whatever is left is dropped: fail closed.
+                    let _ = self.verdict_all(nfq::Verdict::Drop, false);
+                    return;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// the hold
+
+/// A fail-closed hold of a VIP's TCP traffic (see the module docs). Dropping
+/// it removes the rules and drops whatever is still held.
+pub struct Hold {
+    vip: IpAddr,
+    queue_num: u16,
+    tool: &'static str,
+    rules: Vec<Vec<String>>,
+    commands: Option<mpsc::Sender<Cmd>>,
+    thread: Option<JoinHandle<()>>,
+    count: Arc<AtomicUsize>,
+    installed_at: Instant,
+    /// The namespace the rules are in: removal happens there whichever
+    /// thread drops the hold.
+    netns: File,
+}
+
+impl std::fmt::Debug for Hold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hold")
+            .field("vip", &self.vip)
+            .field("queue_num", &self.queue_num)
+            .field("rules", &self.rules.len())
+            .field("held", &self.held())
+            .finish()
+    }
+}
+
+fn queue_err(queue_num: u16, op: &'static str) -> impl FnOnce(io::Error) -> HoldError {
+    move |source| {
+        match source.raw_os_error() {
+        // The kernel answers EPERM both without CAP_NET_ADMIN and when the
+        // queue number is bound by another socket of this namespace.
+        Some(libc::EPERM) | Some(libc::EBUSY) if op == "bind" => HoldError::Queue {
+            queue_num,
+            op: "bind (another reader holds this queue number in this namespace, or CAP_NET_ADMIN is missing)",
+            source,
+        },
+        Some(libc::EPERM) | Some(libc::EACCES) => {
+            HoldError::PermissionDenied(format!("{op} NFQUEUE {queue_num}"))
+        }
+        _ => HoldError::Queue {
+            queue_num,
+            op,
+            source,
+        },
+    }
+    }
+}
+
+impl Hold {
+    /// Holds the TCP traffic to `vip` (`ports`) in NFQUEUE `queue_num` of the
+    /// calling thread's namespace. The queue is bound and its reader running
+    /// before the rules go in; if a rule fails, those already in are removed.
+    /// One queue number serves one hold at a time per namespace.
+    pub fn install(
+        vip: IpAddr,
+        ports: impl Into<Ports>,
+        queue_num: u16,
+    ) -> Result<Hold, HoldError> {
+        ensure_not_root_netns()?;
+        let ports = ports.into();
+        if let Ports::Tcp(list) = &ports {
+            if list.contains(&0) {
+                return Err(HoldError::PortZero);
+            }
+            if list.is_empty() {
+                return Err(HoldError::NoPorts);
+            }
+        }
+        let tool = tool_for(vip);
+        let netns = File::open("/proc/thread-self/ns/net").map_err(HoldError::NamespaceCheck)?;
+        let rules = rule_specs(vip, &ports, queue_num);
+
+        let mut queue = nfq::Queue::open().map_err(queue_err(queue_num, "open"))?;
+        queue
+            .bind(queue_num)
+            .map_err(queue_err(queue_num, "bind"))?;
+        queue
+            .set_copy_range(queue_num, 0xffff)
+            .map_err(queue_err(queue_num, "set the copy range"))?;
+        queue
+            .set_queue_max_len(queue_num, QUEUE_MAX_LEN)
+            .map_err(queue_err(queue_num, "set the queue length"))?;
+        queue
+            .set_fail_open(queue_num, false)
+            .map_err(queue_err(queue_num, "turn fail-open off"))?;
+        queue.set_nonblocking(true);
+
+        let count = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = mpsc::channel();
+        let reader = Reader {
+            queue,
+            held: VecDeque::new(),
+            count: Arc::clone(&count),
+            error: None,
+        };
+        // Spawned from this thread: it shares this thread's namespace (and
+        // owns a socket created in it anyway).
+        let thread = std::thread::Builder::new()
+            .name(format!("hold-q{queue_num}"))
+            .spawn(move || reader.run(rx))
+            .map_err(|source| HoldError::Queue {
+                queue_num,
+                op: "spawn the reader thread",
+                source,
+            })?;
+
+        let mut hold = Hold {
+            vip,
+            queue_num,
+            tool,
+            rules: Vec::new(),
+            commands: Some(tx),
+            thread: Some(thread),
+            count,
+            installed_at: Instant::now(),
+            netns,
+        };
+        for spec in rules {
+            // On error, dropping `hold` removes the rules already in.
+            iptables(tool, &raw_prerouting("-I", &spec), Some(&hold.netns))?;
+            hold.rules.push(spec);
+        }
+        hold.installed_at = Instant::now();
+        Ok(hold)
+    }
+
+    /// The held VIP.
+    pub fn vip(&self) -> IpAddr {
+        self.vip
+    }
+
+    /// The NFQUEUE queue number.
+    pub fn queue_num(&self) -> u16 {
+        self.queue_num
+    }
+
+    /// Time since the rules went in.
+    pub fn age(&self) -> Duration {
+        self.installed_at.elapsed()
+    }
+
+    /// Packets held right now (as of the reader's last read, ≤ [`POLL`] ago).
+    pub fn held(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// Waits until at least `n` packets are held or `timeout` passes;
+    /// returns the number held.
+    pub fn wait_held(&self, n: usize, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let held = self.held();
+            if held >= n || Instant::now() >= deadline {
+                return held;
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    fn ask<T>(
+        &self,
+        make: impl FnOnce(mpsc::Sender<Result<T, io::Error>>) -> Cmd,
+        op: &'static str,
+    ) -> Result<T, HoldError> {
+        let gone = || HoldError::ReaderGone(self.vip);
+        let (tx, rx) = mpsc::channel();
+        self.commands
+            .as_ref()
+            .ok_or_else(gone)?
+            .send(make(tx))
+            .map_err(|_| gone())?;
+        rx.recv()
+            .map_err(|_| gone())?
+            .map_err(|source| HoldError::Queue {
+                queue_num: self.queue_num,
+                op,
+                source,
+            })
+    }
+
+    /// Verdict ACCEPT for every packet held so far, in arrival order; returns
+    /// how many. The hold stays: later packets are held again. Used by the
+    /// target once its sockets are thawed, and by the source on rollback.
+    pub fn accept_all(&self) -> Result<usize, HoldError> {
+        self.ask(Cmd::Accept, "accept the held packets")
+    }
+
+    /// Verdict DROP for every packet held so far; returns their IP packets
+    /// (arrival order) for forwarding to the new owner. The hold stays.
+    pub fn take_dropped(&self) -> Result<Vec<Vec<u8>>, HoldError> {
+        self.ask(Cmd::Drop, "drop the held packets")
+    }
+
+    fn remove_rules(&mut self) -> Result<(), HoldError> {
+        let mut first = None;
+        for spec in std::mem::take(&mut self.rules) {
+            if let Err(e) = delete_rule(self.tool, &spec, Some(&self.netns)) {
+                tracing::warn!(vip = %self.vip, error = %e, "removing a hold rule");
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    fn stop_reader(&mut self) {
+        if let Some(tx) = self.commands.take() {
+            let _ = tx.send(Cmd::Stop);
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+
+    /// Ends the hold letting the traffic in: removes the rules, then accepts
+    /// everything still held (arrival order), then closes the queue. Returns
+    /// how many packets it accepted. Target after thaw; source on rollback.
+    pub fn release(mut self) -> Result<usize, HoldError> {
+        let removed = self.remove_rules();
+        let accepted = self.accept_all();
+        self.stop_reader();
+        removed?;
+        accepted
+    }
+
+    /// Ends the hold fail-closed: removes the rules, then drops everything
+    /// still held and returns those packets (to forward them). Source after
+    /// the move.
+    pub fn finish_dropped(mut self) -> Result<Vec<Vec<u8>>, HoldError> {
+        let removed = self.remove_rules();
+        let dropped = self.take_dropped();
+        self.stop_reader();
+        removed?;
+        dropped
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let _ = self.remove_rules();
+        let held = self.held();
+        if held > 0 && self.commands.is_some() {
+            tracing::warn!(vip = %self.vip, held, "hold dropped with packets held: dropping them");
+        }
+        self.stop_reader();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// re-injection
+
+/// `IPV6_HDRINCL` from `<linux/in6.h>` (not in every libc version).
+const IPV6_HDRINCL: i32 = 36;
+
+/// Where a packet goes, after checking it is a whole IPv4 or IPv6 packet;
+/// returns its destination and its length per its header.
+fn parse_dest(index: usize, p: &[u8]) -> Result<(IpAddr, usize), HoldError> {
+    let bad = |reason| HoldError::BadPacket { index, reason };
+    match p.first().map(|b| b >> 4) {
+        Some(4) => {
+            if p.len() < 20 {
+                return Err(bad("IPv4 packet shorter than its header"));
+            }
+            let ihl = usize::from(p[0] & 0x0f) * 4;
+            let total = usize::from(u16::from_be_bytes([p[2], p[3]]));
+            if ihl < 20 || total < ihl || total > p.len() {
+                return Err(bad("IPv4 header lengths do not match the packet"));
+            }
+            let dst = Ipv4Addr::new(p[16], p[17], p[18], p[19]);
+            Ok((IpAddr::V4(dst), total))
+        }
+        Some(6) => {
+            if p.len() < 40 {
+                return Err(bad("IPv6 packet shorter than its header"));
+            }
+            let total = 40 + usize::from(u16::from_be_bytes([p[4], p[5]]));
+            if total > p.len() {
+                return Err(bad("IPv6 payload length exceeds the packet"));
+            }
+            let mut dst = [0u8; 16];
+            dst.copy_from_slice(&p[24..40]);
+            Ok((IpAddr::V6(Ipv6Addr::from(dst)), total))
+        }
+        Some(_) => Err(bad("not an IPv4 or IPv6 packet")),
+        None => Err(bad("empty packet")),
+    }
+}
+
+fn loopback_up() -> Result<bool, HoldError> {
+    let fd =
+        new_socket(libc::AF_INET, libc::SOCK_DGRAM, 0).map_err(|source| HoldError::Inject {
+            op: "open a socket",
+            source,
+        })?;
+    // SAFETY: ifreq is plain old data; all-zero is valid.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads into the ifreq we own.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) }).map_err(
+        |source| HoldError::Inject {
+            op: "read the flags of lo",
+            source,
+        },
+    )?;
+    // SAFETY: SIOCGIFFLAGS filled in the flags member of the union.
+    let flags = unsafe { ifr.ifr_ifru.ifru_flags };
+    Ok(flags & libc::IFF_UP as libc::c_short != 0)
+}
+
+/// `SO_MARK` of the packets [`inject`] sends. Hold rules let them through,
+/// so packets re-injected on the new owner (and the FINs a thaw re-creates
+/// for half-closed connections) reach their sockets while a hold is in.
+pub const INJECT_MARK: u32 = 0x6274; // "bt"
+
+/// Re-injects whole IP packets (IPv4 and IPv6, as [`Hold::take_dropped`]
+/// returns them) into the TCP/IP stack of the calling thread's namespace: a
+/// raw socket with `IP_HDRINCL` / `IPV6_HDRINCL` sends each one, unchanged, to
+/// its own destination address; that address being local (the VIP, on the
+/// new owner), the packet loops through `lo` and is received like one from
+/// the wire. It is marked [`INJECT_MARK`], so a hold installed here lets it
+/// through. Every packet is checked before any is sent. Returns how
+/// many were sent.
+pub fn inject(packets: &[Vec<u8>]) -> Result<usize, HoldError> {
+    let parsed = packets
+        .iter()
+        .enumerate()
+        .map(|(i, p)| parse_dest(i, p))
+        .collect::<Result<Vec<_>, _>>()?;
+    if parsed.is_empty() {
+        return Ok(0);
+    }
+    if !loopback_up()? {
+        return Err(HoldError::LoopbackDown);
+    }
+    let mut v4 = None;
+    let mut v6 = None;
+    for (packet, (dst, len)) in packets.iter().zip(parsed) {
+        let bytes = &packet[..len];
+        let sent = match dst {
+            IpAddr::V4(dst) => {
+                if v4.is_none() {
+                    // IPPROTO_RAW implies IP_HDRINCL.
+                    let fd = new_socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW)
+                        .map_err(|source| inject_err("open a raw IPv4 socket", source))?;
+                    setsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_MARK, INJECT_MARK as i32)
+                        .map_err(|source| inject_err("set SO_MARK", source))?;
+                    v4 = Some(fd);
+                }
+                let fd = v4.as_ref().map(|f| f.as_raw_fd()).unwrap_or(-1);
+                let sa = sockaddr_in(dst);
+                // SAFETY: valid fd, buffer and sockaddr_in with their sizes.
+                unsafe {
+                    libc::sendto(
+                        fd,
+                        bytes.as_ptr().cast(),
+                        bytes.len(),
+                        0,
+                        (&sa as *const libc::sockaddr_in).cast(),
+                        std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                    )
+                }
+            }
+            IpAddr::V6(dst) => {
+                if v6.is_none() {
+                    let fd = new_socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_RAW)
+                        .map_err(|source| inject_err("open a raw IPv6 socket", source))?;
+                    setsockopt_int(&fd, libc::IPPROTO_IPV6, IPV6_HDRINCL, 1)
+                        .map_err(|source| inject_err("set IPV6_HDRINCL", source))?;
+                    setsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_MARK, INJECT_MARK as i32)
+                        .map_err(|source| inject_err("set SO_MARK", source))?;
+                    v6 = Some(fd);
+                }
+                let fd = v6.as_ref().map(|f| f.as_raw_fd()).unwrap_or(-1);
+                let sa = sockaddr_in6(dst, 0);
+                // SAFETY: valid fd, buffer and sockaddr_in6 with their sizes.
+                unsafe {
+                    libc::sendto(
+                        fd,
+                        bytes.as_ptr().cast(),
+                        bytes.len(),
+                        0,
+                        (&sa as *const libc::sockaddr_in6).cast(),
+                        std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+                    )
+                }
+            }
+        };
+        if sent < 0 {
+            return Err(inject_err("send", io::Error::last_os_error()));
+        }
+    }
+    Ok(packets.len())
+}
+
+fn inject_err(op: &'static str, source: io::Error) -> HoldError {
+    match source.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) => {
+            HoldError::PermissionDenied(format!("{op} (needs CAP_NET_RAW)"))
+        }
+        _ => HoldError::Inject { op, source },
+    }
+}

@@ -1,0 +1,593 @@
+//! Moving a VIP and its live TCP connections from this node to another
+//! (source side, [`move_out`]) and taking them in (target side,
+//! [`accept_move`]). The message sequence and its rules are in
+//! [`baton_core::relocation`]; this module does the I/O around it: hold,
+//! freeze, thaw, VIP, and the control connection between the two nodes.
+//!
+//! Rollback: until the source sends `Commit`, any failure (target down,
+//! refusing, dying, too slow) puts everything back: the source resumes its
+//! frozen sockets, lets the held packets in and re-announces the VIP; the
+//! target closes what it thawed without a FIN or RST and drops the VIP.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use baton_core::relocation::{
+    ConnHandoff, MoveMessage, MoveSession, Phase, ProtocolError, Role, Vip, MAGIC, VERSION,
+};
+use baton_core::tcp_state::TcpConnState;
+use baton_core::wire::{self, WireError};
+use baton_net::hold::{self, Hold, HoldError, Ports};
+use baton_net::repair::{self, RepairError};
+use baton_net::vip::{self, Announce, VipError, VipSpec};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A connection taken away from its application: the socket, and the
+/// application's state for it. The application must not touch the socket
+/// until it gets it back.
+#[derive(Debug)]
+pub struct Parked {
+    /// The connection's id, the same on every node.
+    pub id: u64,
+    pub stream: std::net::TcpStream,
+    /// Application state (e.g. output not yet written), opaque here.
+    pub app: Vec<u8>,
+}
+
+/// How this node takes part in moves.
+#[derive(Debug, Clone)]
+pub struct MoveConfig {
+    /// The cluster interface the VIP goes on (`eth0` in the lab).
+    pub interface: String,
+    /// VRRP router id of the VIP's virtual MAC, if it uses one.
+    pub vrid: Option<u8>,
+    /// NFQUEUE number for holds in this node's namespace.
+    pub queue_num: u16,
+    /// Gratuitous ARP / unsolicited NA burst after taking the VIP.
+    pub announce: Announce,
+    /// How long each side waits for the other's next message before it
+    /// rolls back.
+    pub step_timeout: Duration,
+}
+
+impl MoveConfig {
+    pub fn new(interface: impl Into<String>) -> MoveConfig {
+        MoveConfig {
+            interface: interface.into(),
+            vrid: None,
+            queue_num: 7,
+            announce: Announce::default(),
+            step_timeout: Duration::from_secs(3),
+        }
+    }
+
+    fn spec(&self, vip: &Vip) -> VipSpec {
+        let spec = VipSpec::new(vip.addr, vip.prefix_len, self.interface.clone());
+        match self.vrid {
+            Some(vrid) => spec.with_vmac(vrid),
+            None => spec,
+        }
+    }
+}
+
+fn ports(vip: &Vip) -> Ports {
+    if vip.ports.is_empty() {
+        Ports::AllTcp
+    } else {
+        Ports::Tcp(vip.ports.clone())
+    }
+}
+
+/// Why a move failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MoveError {
+    #[error("control connection to {peer}: {source}")]
+    Control {
+        peer: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+    #[error("peer sent a malformed message: {0}")]
+    Wire(#[from] WireError),
+    #[error("move protocol: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("hold: {0}")]
+    Hold(#[from] HoldError),
+    #[error("VIP: {0}")]
+    Vip(#[from] VipError),
+    #[error("connection {id}: {source}")]
+    Repair { id: u64, source: RepairError },
+    #[error("bad connection state from peer: {0}")]
+    State(WireError),
+}
+
+/// A failed move: the error, and the connections given back to the
+/// application, working again.
+#[derive(Debug)]
+pub struct MoveFailure {
+    pub error: MoveError,
+    pub kept: Vec<Parked>,
+}
+
+/// What a completed move did, as seen by the source.
+#[derive(Debug, Clone)]
+pub struct MoveReport {
+    pub connections: usize,
+    /// From installing the hold to the target's `Done`: how long the VIP's
+    /// traffic was held.
+    pub freeze: Duration,
+    /// Time spent freezing sockets.
+    pub freeze_sockets: Duration,
+    /// Packets that reached the source during the hold, forwarded.
+    pub forwarded_packets: usize,
+}
+
+/// What a completed move did, as seen by the target.
+#[derive(Debug, Clone)]
+pub struct TakeReport {
+    pub connections: usize,
+    /// Time spent thawing sockets.
+    pub thaw_sockets: Duration,
+    /// Packets the target held itself and let in after the thaw.
+    pub held_packets: usize,
+    /// Packets forwarded by the source and re-injected.
+    pub injected_packets: usize,
+}
+
+async fn write_message(stream: &mut TcpStream, msg: &MoveMessage) -> std::io::Result<()> {
+    stream.write_all(&msg.encode()).await?;
+    stream.flush().await
+}
+
+async fn read_message(
+    stream: &mut TcpStream,
+    timeout: Duration,
+    what: &'static str,
+) -> Result<MoveMessage, MoveError> {
+    let peer = stream
+        .peer_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let read = async {
+        let mut header = [0u8; wire::HEADER_LEN];
+        stream.read_exact(&mut header).await?;
+        let header = match wire::parse_header(MAGIC, VERSION, &header) {
+            Ok(h) => h,
+            Err(e) => return Ok(Err(e)),
+        };
+        let mut body = vec![0u8; header.body_len];
+        stream.read_exact(&mut body).await?;
+        Ok(wire::decode_body::<MoveMessage>(&body))
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Err(_) => Err(MoveError::Timeout(what)),
+        Ok(Err(source)) => Err(MoveError::Control { peer, source }),
+        Ok(Ok(decoded)) => Ok(decoded?),
+    }
+}
+
+/// A move id unlikely to repeat across restarts (no clock in the core, so
+/// the node picks it).
+fn new_move_id() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    nanos ^ u64::from(std::process::id()) << 48
+}
+
+/// Moves `vip` and the connections `hand_off` yields to the node whose move
+/// listener is `target`. `hand_off` is called once the VIP's traffic is
+/// held; it must stop the application using those connections. On failure
+/// every connection comes back working, in [`MoveFailure::kept`].
+pub async fn move_out<F, Fut>(
+    cfg: &MoveConfig,
+    target: SocketAddr,
+    vip: &Vip,
+    hand_off: F,
+) -> Result<MoveReport, MoveFailure>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Vec<Parked>>,
+{
+    let fail = |error: MoveError| MoveFailure {
+        error,
+        kept: Vec::new(),
+    };
+    // Reach the target before anything changes here.
+    let mut control = match tokio::time::timeout(cfg.step_timeout, TcpStream::connect(target)).await
+    {
+        Err(_) => return Err(fail(MoveError::Timeout("the target's move listener"))),
+        Ok(Err(source)) => {
+            return Err(fail(MoveError::Control {
+                peer: target,
+                source,
+            }))
+        }
+        Ok(Ok(s)) => s,
+    };
+    let _ = control.set_nodelay(true);
+
+    let started = Instant::now();
+    let hold = Hold::install(vip.addr, ports(vip), cfg.queue_num).map_err(|e| fail(e.into()))?;
+    let parked = hand_off().await;
+
+    // Freeze. A socket that cannot be frozen fails the whole move.
+    let freeze_started = Instant::now();
+    let mut frozen: Vec<(Parked, TcpConnState)> = Vec::with_capacity(parked.len());
+    let mut failure = None;
+    let mut unfrozen = Vec::new();
+    for p in parked {
+        if failure.is_some() {
+            unfrozen.push(p);
+            continue;
+        }
+        match repair::freeze(p.stream.as_fd()) {
+            Ok(state) => frozen.push((p, state)),
+            Err(source) => {
+                failure = Some(MoveError::Repair { id: p.id, source });
+                unfrozen.push(p);
+            }
+        }
+    }
+    let freeze_sockets = freeze_started.elapsed();
+    let mut phases = vec![
+        ("hold", freeze_started - started),
+        ("freeze", freeze_sockets),
+    ];
+    if let Some(error) = failure {
+        return Err(roll_back(cfg, vip, hold, frozen, unfrozen, error).await);
+    }
+
+    let move_id = new_move_id();
+    let mut session = MoveSession::new(Role::Source);
+    let offer = MoveMessage::Offer {
+        move_id,
+        vip: vip.clone(),
+        connections: frozen
+            .iter()
+            .map(|(p, state)| ConnHandoff::new(p.id, state, p.app.clone()))
+            .collect(),
+    };
+    if let Err(e) = session.on_send(&offer) {
+        return Err(roll_back(cfg, vip, hold, frozen, Vec::new(), e.into()).await);
+    }
+    if let Err(source) = write_message(&mut control, &offer).await {
+        let e = MoveError::Control {
+            peer: target,
+            source,
+        };
+        return Err(roll_back(cfg, vip, hold, frozen, Vec::new(), e).await);
+    }
+    drop(offer);
+    let ready = match read_message(&mut control, cfg.step_timeout, "the target's Ready").await {
+        Ok(m) => session.on_receive(&m).map_err(MoveError::from),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = ready {
+        session.abort();
+        return Err(roll_back(cfg, vip, hold, frozen, Vec::new(), e).await);
+    }
+    phases.push(("ready", started.elapsed()));
+
+    // Point of no return: the target holds thawed copies of everything.
+    let spec = cfg.spec(vip);
+    if let Err(e) = vip::release(&spec).await {
+        tracing::warn!(vip = %vip.addr, error = %e, "releasing the VIP after a move");
+    }
+    let held_packets = hold.finish_dropped().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "collecting packets held during the move");
+        Vec::new()
+    });
+    let forwarded_packets = held_packets.len();
+    phases.push(("released", started.elapsed()));
+    let commit = MoveMessage::Commit {
+        move_id,
+        held_packets,
+    };
+    let committed = session.on_send(&commit);
+    debug_assert!(committed.is_ok());
+    if let Err(e) = write_message(&mut control, &commit).await {
+        tracing::error!(target = %target, error = %e, "sending Commit failed after the target was ready; its copies will serve if it got it");
+    }
+    match read_message(&mut control, cfg.step_timeout, "the target's Done").await {
+        Ok(m) => {
+            if let Err(e) = session.on_receive(&m) {
+                tracing::warn!(error = %e, "unexpected answer to Commit");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "no Done from the target after Commit"),
+    }
+    let freeze = started.elapsed();
+    phases.push(("done", freeze));
+    tracing::debug!(?phases, "move out");
+    let connections = frozen.len();
+    for (p, _) in frozen {
+        close_silently(OwnedFd::from(p.stream));
+    }
+    Ok(MoveReport {
+        connections,
+        freeze,
+        freeze_sockets,
+        forwarded_packets,
+    })
+}
+
+/// Closes a socket in repair mode without a FIN or RST; one that cannot be
+/// put in repair mode is kept open (leaked) rather than reset.
+fn close_silently(fd: OwnedFd) {
+    if let Err(e) = repair::close_silently(fd) {
+        tracing::error!(error = %e.source, "cannot close a socket silently; leaving it open");
+        std::mem::forget(e.fd);
+    }
+}
+
+/// Puts the source back as it was: sockets out of repair mode, held packets
+/// let in, VIP announced again (a client may have learned the target's MAC).
+async fn roll_back(
+    cfg: &MoveConfig,
+    vip: &Vip,
+    hold: Hold,
+    frozen: Vec<(Parked, TcpConnState)>,
+    mut kept: Vec<Parked>,
+    error: MoveError,
+) -> MoveFailure {
+    tracing::warn!(vip = %vip.addr, error = %error, "move failed; the source keeps serving");
+    for (p, _) in frozen {
+        if let Err(e) = repair::resume(p.stream.as_fd()) {
+            tracing::error!(id = p.id, error = %e, "cannot resume a frozen connection");
+        }
+        kept.push(p);
+    }
+    if let Err(e) = hold.release() {
+        tracing::error!(error = %e, "releasing the hold on rollback");
+    }
+    if let Err(e) = vip::take(&cfg.spec(vip), cfg.announce).await {
+        tracing::error!(error = %e, "re-announcing the VIP on rollback");
+    }
+    MoveFailure { error, kept }
+}
+
+/// Handles one incoming move on `control`: thaws the offered connections,
+/// takes the VIP and hands the connections to `adopt`. On any failure
+/// before `Commit`, nothing is kept and the source keeps serving.
+pub async fn accept_move<F>(
+    cfg: &MoveConfig,
+    mut control: TcpStream,
+    adopt: F,
+) -> Result<TakeReport, MoveError>
+where
+    F: FnOnce(Vec<Parked>),
+{
+    let _ = control.set_nodelay(true);
+    let mut session = MoveSession::new(Role::Target);
+    // The offer may carry large queues: give it time.
+    let offer = read_message(&mut control, cfg.step_timeout * 4, "an Offer").await?;
+    if let Err(e) = session.on_receive(&offer) {
+        let _ = write_message(
+            &mut control,
+            &MoveMessage::Refused {
+                move_id: offer.move_id(),
+                reason: e.to_string(),
+            },
+        )
+        .await;
+        return Err(e.into());
+    }
+    let MoveMessage::Offer {
+        move_id,
+        vip,
+        connections,
+    } = offer
+    else {
+        unreachable!("the session accepted an Offer");
+    };
+
+    match take_in(cfg, &mut control, &mut session, move_id, &vip, connections).await {
+        Ok(taken_in) => {
+            finish_take(
+                cfg,
+                &mut control,
+                &mut session,
+                move_id,
+                &vip,
+                taken_in,
+                adopt,
+            )
+            .await
+        }
+        Err(e) => {
+            let _ = write_message(
+                &mut control,
+                &MoveMessage::Refused {
+                    move_id,
+                    reason: e.to_string(),
+                },
+            )
+            .await;
+            Err(e)
+        }
+    }
+}
+
+type Thawed = Vec<(u64, OwnedFd, TcpConnState, Vec<u8>)>;
+
+/// What the target holds between Ready and Commit.
+struct TakenIn {
+    hold: Hold,
+    taken: vip::Taken,
+    thawed: Thawed,
+    thaw_sockets: Duration,
+}
+
+/// Hold, take the VIP's address (not announced), thaw everything (sockets
+/// stay in repair mode: silent until Commit). Undoes itself on failure.
+async fn take_in(
+    cfg: &MoveConfig,
+    control: &mut TcpStream,
+    session: &mut MoveSession,
+    move_id: u64,
+    vip: &Vip,
+    connections: Vec<ConnHandoff>,
+) -> Result<TakenIn, MoveError> {
+    let mut states = Vec::with_capacity(connections.len());
+    for c in connections {
+        let state = c.tcp_state().map_err(MoveError::State)?;
+        states.push((c.id, state, c.app));
+    }
+    let t0 = Instant::now();
+    let hold = Hold::install(vip.addr, ports(vip), cfg.queue_num)?;
+    let spec = cfg.spec(vip);
+    let taken = vip::take_address(&spec).await?;
+    let started = Instant::now();
+    tracing::debug!(hold_and_vip = ?started - t0, "take in");
+    let mut thawed: Thawed = Vec::with_capacity(states.len());
+    let mut failure = None;
+    for (id, state, app) in states {
+        match repair::rebuild(&state) {
+            Ok(fd) => thawed.push((id, fd, state, app)),
+            Err(source) => {
+                failure = Some(MoveError::Repair { id, source });
+                break;
+            }
+        }
+    }
+    let thaw_sockets = started.elapsed();
+    let sent = match failure {
+        Some(e) => Err(e),
+        None => {
+            let ready = MoveMessage::Ready {
+                move_id,
+                thawed: thawed.len() as u32,
+            };
+            session.on_send(&ready)?;
+            write_message(control, &ready)
+                .await
+                .map_err(|source| MoveError::Control {
+                    peer: control
+                        .peer_addr()
+                        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
+                    source,
+                })
+        }
+    };
+    if let Err(e) = sent {
+        undo_take(&spec, taken.already_present, hold, thawed).await;
+        return Err(e);
+    }
+    Ok(TakenIn {
+        hold,
+        taken,
+        thawed,
+        thaw_sockets,
+    })
+}
+
+async fn undo_take(spec: &VipSpec, vip_was_here: bool, hold: Hold, thawed: Thawed) {
+    for (_, fd, _, _) in thawed {
+        close_silently(fd);
+    }
+    if !vip_was_here {
+        if let Err(e) = vip::release(spec).await {
+            tracing::error!(error = %e, "dropping the VIP after a failed move");
+        }
+    }
+    drop(hold);
+}
+
+/// Waits for Commit, then makes the thawed sockets live, announces the VIP
+/// and lets the held traffic in.
+async fn finish_take<F>(
+    cfg: &MoveConfig,
+    control: &mut TcpStream,
+    session: &mut MoveSession,
+    move_id: u64,
+    vip: &Vip,
+    taken_in: TakenIn,
+    adopt: F,
+) -> Result<TakeReport, MoveError>
+where
+    F: FnOnce(Vec<Parked>),
+{
+    let TakenIn {
+        hold,
+        taken,
+        thawed,
+        thaw_sockets,
+    } = taken_in;
+    let spec = cfg.spec(vip);
+    let commit = match read_message(control, cfg.step_timeout, "the source's Commit").await {
+        Ok(m) => session.on_receive(&m).map(|_| m).map_err(MoveError::from),
+        Err(e) => Err(e),
+    };
+    let held_from_source = match commit {
+        Ok(MoveMessage::Commit { held_packets, .. }) => held_packets,
+        Ok(_) => unreachable!("the session accepts only Commit here"),
+        Err(e) => {
+            session.abort();
+            undo_take(&spec, taken.already_present, hold, thawed).await;
+            return Err(e);
+        }
+    };
+    debug_assert_eq!(session.phase(), Phase::Committed);
+
+    let connections = thawed.len();
+    let mut parked = Vec::with_capacity(connections);
+    for (id, fd, state, app) in thawed {
+        match repair::go_live(fd.as_fd(), &state) {
+            Ok(()) => parked.push(Parked {
+                id,
+                stream: std::net::TcpStream::from(fd),
+                app,
+            }),
+            Err(source) => {
+                tracing::error!(id, error = %source, "finishing a thaw after Commit; the connection is lost");
+                close_silently(fd);
+            }
+        }
+    }
+    // Clients learn the VIP's new MAC: the burst goes on in the background
+    // (its first packet leaves at once) while the hold is released.
+    let announce = cfg.announce;
+    tokio::spawn(async move {
+        if let Err(e) = vip::announce(&taken, announce).await {
+            tracing::error!(error = %e, "announcing the VIP");
+        }
+    });
+    let t0 = Instant::now();
+    let held_packets = hold.release()?;
+    let t1 = Instant::now();
+    let injected_packets = hold::inject(&held_from_source)?;
+    tracing::debug!(release = ?t1 - t0, inject = ?t1.elapsed(), "finish take");
+    adopt(parked);
+    let done = MoveMessage::Done { move_id };
+    session.on_send(&done)?;
+    if let Err(e) = write_message(control, &done).await {
+        tracing::warn!(error = %e, "sending Done (the move itself is complete)");
+    }
+    Ok(TakeReport {
+        connections,
+        thaw_sockets,
+        held_packets,
+        injected_packets,
+    })
+}
+
+/// Serves incoming moves on `listener`, one at a time, handing the
+/// connections of each to `adopt`. Returns when `listener` fails.
+pub async fn serve_moves<F>(cfg: MoveConfig, listener: TcpListener, adopt: F) -> std::io::Result<()>
+where
+    F: Fn(Vec<Parked>),
+{
+    loop {
+        let (control, peer) = listener.accept().await?;
+        match accept_move(&cfg, control, &adopt).await {
+            Ok(report) => {
+                tracing::info!(%peer, connections = report.connections, thaw_ms = report.thaw_sockets.as_secs_f64() * 1e3, "moved in")
+            }
+            Err(e) => tracing::warn!(%peer, error = %e, "incoming move refused or rolled back"),
+        }
+    }
+}
