@@ -482,6 +482,7 @@ impl Hold {
         let rules = rule_specs(vip, &ports, queue_num);
 
         let mut queue = nfq::Queue::open().map_err(queue_err(queue_num, "open"))?;
+        grow_queue_socket_buffers();
         queue
             .bind(queue_num)
             .map_err(queue_err(queue_num, "bind"))?;
@@ -717,6 +718,78 @@ fn loopback_up() -> Result<bool, HoldError> {
     // SAFETY: SIOCGIFFLAGS filled in the flags member of the union.
     let flags = unsafe { ifr.ifr_ifru.ifru_flags };
     Ok(flags & libc::IFF_UP as libc::c_short != 0)
+}
+
+/// Receive buffer of the NFQUEUE sockets: at full speed a held connection
+/// brings 64 KiB aggregated segments, and the kernel's default (about
+/// 208 KiB) would drop them before the reader gets its next turn.
+const QUEUE_SOCKET_BUFFER: libc::c_int = 32 << 20;
+
+/// Raises the receive buffer of every netfilter netlink socket of this
+/// process (the `nfq` crate does not expose its descriptor; all such
+/// sockets of ours are hold queues).
+fn grow_queue_socket_buffers() {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<libc::c_int>().ok())
+        else {
+            continue;
+        };
+        let get = |name: libc::c_int| -> Option<libc::c_int> {
+            let mut value: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: getsockopt writes at most `len` bytes to `value`; a
+            // descriptor that is not a socket just fails.
+            let rc = unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    name,
+                    (&mut value as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            (rc == 0).then_some(value)
+        };
+        if get(libc::SO_DOMAIN) == Some(libc::AF_NETLINK)
+            && get(libc::SO_PROTOCOL) == Some(libc::NETLINK_NETFILTER)
+            && get(libc::SO_RCVBUF).is_some_and(|b| b < QUEUE_SOCKET_BUFFER)
+        {
+            // SAFETY: plain setsockopt on a socket of ours with a live int.
+            let rc = unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUFFORCE,
+                    (&QUEUE_SOCKET_BUFFER as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                tracing::warn!(error = %io::Error::last_os_error(), "cannot grow an NFQUEUE socket buffer");
+            }
+        }
+    }
+}
+
+/// Packets the kernel dropped on NFQUEUE `queue_num` of the calling thread's
+/// namespace: (queue full, could not be delivered to the reader). A hold
+/// must lose nothing; non-zero values mean its limits are too small.
+pub fn queue_drops(queue_num: u16) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/thread-self/net/netfilter/nfnetlink_queue").ok()?;
+    text.lines().find_map(|line| {
+        let f: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        // queue_num portid queue_total copy_mode copy_range queue_dropped user_dropped id_sequence 1
+        (f.len() >= 7 && f[0] == u64::from(queue_num)).then(|| (f[5], f[6]))
+    })
 }
 
 /// `SO_MARK` of the packets [`inject`] sends. Hold rules let them through,

@@ -52,6 +52,8 @@ impl MoveAgent {
     /// asked), or with the reason it could not.
     pub fn start(cfg: AgentConfig, ledger: Arc<Ledger>) -> Result<MoveAgent, String> {
         let (ready_tx, ready_rx) = std_mpsc::channel();
+        let mut cfg = cfg;
+        cfg.moves.local_addr.get_or_insert(cfg.node_addr);
         let (tx, rx) = mpsc::unbounded_channel();
         let move_addr = SocketAddr::new(cfg.node_addr, cfg.move_port);
         let netns = cfg.netns.clone();

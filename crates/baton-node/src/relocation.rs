@@ -9,7 +9,7 @@
 //! frozen sockets, lets the held packets in and re-announces the VIP; the
 //! target closes what it thawed without a FIN or RST and drops the VIP.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
@@ -50,6 +50,9 @@ pub struct MoveConfig {
     /// How long each side waits for the other's next message before it
     /// rolls back.
     pub step_timeout: Duration,
+    /// Address the control connection to a target is made from: the
+    /// node's own, never the VIP (which leaves with the move).
+    pub local_addr: Option<IpAddr>,
 }
 
 impl MoveConfig {
@@ -60,6 +63,7 @@ impl MoveConfig {
             queue_num: 7,
             announce: Announce::default(),
             step_timeout: Duration::from_secs(3),
+            local_addr: None,
         }
     }
 
@@ -78,6 +82,22 @@ fn ports(vip: &Vip) -> Ports {
     } else {
         Ports::Tcp(vip.ports.clone())
     }
+}
+
+/// How many queue numbers from [`MoveConfig::queue_num`] holds may use: the
+/// previous move's hold may still be winding down in the background.
+const HOLD_QUEUES: u16 = 8;
+
+fn install_hold(cfg: &MoveConfig, vip: &Vip) -> Result<Hold, HoldError> {
+    let mut last = None;
+    for offset in 0..HOLD_QUEUES {
+        match Hold::install(vip.addr, ports(vip), cfg.queue_num.wrapping_add(offset)) {
+            Ok(hold) => return Ok(hold),
+            Err(e @ HoldError::Queue { op, .. }) if op.starts_with("bind") => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.expect("at least one queue tried"))
 }
 
 /// Why a move failed.
@@ -168,6 +188,18 @@ async fn read_message(
     }
 }
 
+async fn connect_control(cfg: &MoveConfig, target: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = if target.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    if let Some(local) = cfg.local_addr {
+        socket.bind(SocketAddr::new(local, 0))?;
+    }
+    socket.connect(target).await
+}
+
 /// A move id unlikely to repeat across restarts (no clock in the core, so
 /// the node picks it).
 fn new_move_id() -> u64 {
@@ -197,21 +229,21 @@ where
         kept: Vec::new(),
     };
     // Reach the target before anything changes here.
-    let mut control = match tokio::time::timeout(cfg.step_timeout, TcpStream::connect(target)).await
-    {
-        Err(_) => return Err(fail(MoveError::Timeout("the target's move listener"))),
-        Ok(Err(source)) => {
-            return Err(fail(MoveError::Control {
-                peer: target,
-                source,
-            }))
-        }
-        Ok(Ok(s)) => s,
-    };
+    let mut control =
+        match tokio::time::timeout(cfg.step_timeout, connect_control(cfg, target)).await {
+            Err(_) => return Err(fail(MoveError::Timeout("the target's move listener"))),
+            Ok(Err(source)) => {
+                return Err(fail(MoveError::Control {
+                    peer: target,
+                    source,
+                }))
+            }
+            Ok(Ok(s)) => s,
+        };
     let _ = control.set_nodelay(true);
 
     let started = Instant::now();
-    let hold = Hold::install(vip.addr, ports(vip), cfg.queue_num).map_err(|e| fail(e.into()))?;
+    let hold = install_hold(cfg, vip).map_err(|e| fail(e.into()))?;
     let parked = hand_off().await;
 
     // Freeze. A socket that cannot be frozen fails the whole move.
@@ -254,6 +286,7 @@ where
     if let Err(e) = session.on_send(&offer) {
         return Err(roll_back(cfg, vip, hold, frozen, Vec::new(), e.into()).await);
     }
+    let encoded_at = started.elapsed();
     if let Err(source) = write_message(&mut control, &offer).await {
         let e = MoveError::Control {
             peer: target,
@@ -262,6 +295,8 @@ where
         return Err(roll_back(cfg, vip, hold, frozen, Vec::new(), e).await);
     }
     drop(offer);
+    phases.push(("offer_encoded", encoded_at));
+    phases.push(("offer_sent", started.elapsed()));
     let ready = match read_message(&mut control, cfg.step_timeout, "the target's Ready").await {
         Ok(m) => session.on_receive(&m).map_err(MoveError::from),
         Err(e) => Err(e),
@@ -277,7 +312,14 @@ where
     if let Err(e) = vip::release(&spec).await {
         tracing::warn!(vip = %vip.addr, error = %e, "releasing the VIP after a move");
     }
-    let held_packets = hold.finish_dropped().unwrap_or_else(|e| {
+    // The hold stays until the target is done: what arrives meanwhile is
+    // dropped (the client retransmits it), never answered.
+    if let Some((full, undelivered)) = hold::queue_drops(hold.queue_num()) {
+        if full + undelivered > 0 {
+            tracing::warn!(full, undelivered, "the hold's queue dropped packets");
+        }
+    }
+    let held_packets = hold.take_dropped().unwrap_or_else(|e| {
         tracing::warn!(error = %e, "collecting packets held during the move");
         Vec::new()
     });
@@ -307,6 +349,17 @@ where
     for (p, _) in frozen {
         close_silently(OwnedFd::from(p.stream));
     }
+    // Removing the rules takes a few ms of iptables: not on the clients' time.
+    std::thread::spawn(move || match hold.finish_dropped() {
+        Ok(late) if !late.is_empty() => {
+            tracing::debug!(
+                packets = late.len(),
+                "dropped packets that reached the old owner late"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "ending the hold after a move"),
+    });
     Ok(MoveReport {
         connections,
         freeze,
@@ -438,11 +491,12 @@ async fn take_in(
         states.push((c.id, state, c.app));
     }
     let t0 = Instant::now();
-    let hold = Hold::install(vip.addr, ports(vip), cfg.queue_num)?;
+    let hold = install_hold(cfg, vip)?;
+    let t1 = Instant::now();
     let spec = cfg.spec(vip);
     let taken = vip::take_address(&spec).await?;
     let started = Instant::now();
-    tracing::debug!(hold_and_vip = ?started - t0, "take in");
+    tracing::debug!(hold = ?t1 - t0, vip = ?started - t1, "take in");
     let mut thawed: Thawed = Vec::with_capacity(states.len());
     let mut failure = None;
     for (id, state, app) in states {
@@ -455,9 +509,19 @@ async fn take_in(
         }
     }
     let thaw_sockets = started.elapsed();
+    let mut announcing = None;
     let sent = match failure {
         Some(e) => Err(e),
         None => {
+            // Clients learn the VIP's new MAC now: from here on what they send
+            // is held here, not at the source (where it would have to be
+            // forwarded). If the move rolls back, the source announces again.
+            let (how, to_announce) = (cfg.announce, taken.clone());
+            announcing = Some(tokio::spawn(async move {
+                if let Err(e) = vip::announce(&to_announce, how).await {
+                    tracing::error!(error = %e, "announcing the VIP");
+                }
+            }));
             let ready = MoveMessage::Ready {
                 move_id,
                 thawed: thawed.len() as u32,
@@ -474,6 +538,9 @@ async fn take_in(
         }
     };
     if let Err(e) = sent {
+        if let Some(a) = announcing {
+            a.abort();
+        }
         undo_take(&spec, taken.already_present, hold, thawed).await;
         return Err(e);
     }
@@ -548,25 +615,26 @@ where
             }
         }
     }
-    // Clients learn the VIP's new MAC: the burst goes on in the background
-    // (its first packet leaves at once) while the hold is released.
-    let announce = cfg.announce;
-    tokio::spawn(async move {
-        if let Err(e) = vip::announce(&taken, announce).await {
-            tracing::error!(error = %e, "announcing the VIP");
+    // Held packets in, then the source's, then the rules go in the
+    // background: packets arriving meanwhile are let in with them.
+    let held_packets = hold.accept_all()?;
+    if let Some((full, undelivered)) = hold::queue_drops(hold.queue_num()) {
+        if full + undelivered > 0 {
+            tracing::warn!(full, undelivered, "the hold's queue dropped packets");
         }
-    });
-    let t0 = Instant::now();
-    let held_packets = hold.release()?;
-    let t1 = Instant::now();
+    }
     let injected_packets = hold::inject(&held_from_source)?;
-    tracing::debug!(release = ?t1 - t0, inject = ?t1.elapsed(), "finish take");
     adopt(parked);
     let done = MoveMessage::Done { move_id };
     session.on_send(&done)?;
     if let Err(e) = write_message(control, &done).await {
         tracing::warn!(error = %e, "sending Done (the move itself is complete)");
     }
+    std::thread::spawn(move || {
+        if let Err(e) = hold.release() {
+            tracing::warn!(error = %e, "ending the hold after a move");
+        }
+    });
     Ok(TakeReport {
         connections,
         thaw_sockets,

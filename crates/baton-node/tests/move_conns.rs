@@ -37,7 +37,20 @@ fn vip(v6: bool) -> Vip {
     }
 }
 
+/// Logs of the nodes, shown for failing tests (filter: BATON_LOG).
+fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BATON_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"))
+                .add_directive("netlink_packet_route=error".parse().unwrap()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
 fn move_config() -> MoveConfig {
+    init_logs();
     let mut cfg = MoveConfig::new("eth0");
     cfg.step_timeout = Duration::from_secs(2);
     cfg
@@ -175,6 +188,10 @@ fn stream_moving_around(v6: bool, total: u64) {
             .move_to(agents[*to].move_addr, &vip)
             .unwrap_or_else(|e| panic!("move {from}->{to}: {e}"));
         assert_eq!(report.connections, 1);
+        eprintln!(
+            "move {step}: {report:?}, progress {}",
+            progress.load(Ordering::Relaxed)
+        );
         assert!(
             progress.load(Ordering::Relaxed) < total,
             "the stream ended before move {step}"
