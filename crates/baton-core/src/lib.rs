@@ -2,6 +2,8 @@
 //! is a deterministic function of its inputs (time is passed in), so it is
 //! tested with plain and property tests and behaves the same on every node.
 
+pub mod log;
 pub mod relocation;
+pub mod service;
 pub mod tcp_state;
 pub mod wire;
