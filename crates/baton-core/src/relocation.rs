@@ -4,7 +4,7 @@
 //! ```text
 //! source                                   target
 //!  hold VIP traffic, freeze connections
-//!  ── Offer{vip, connections} ───────────►  hold, thaw every connection,
+//!  ── Offer{vip, service, connections} ──►  hold, thaw every connection,
 //!                                           add the VIP (not announced yet)
 //!  ◄────────────────────── Ready{thawed} ──  (or Refused{reason}: nothing kept)
 //!  drop the VIP, take the packets held
@@ -99,6 +99,9 @@ pub enum MoveMessage {
     Offer {
         move_id: u64,
         vip: Vip,
+        /// The application's state as a whole (e.g. a service checkpoint),
+        /// opaque here.
+        service: Vec<u8>,
         connections: Vec<ConnHandoff>,
     },
     /// Target → source: every connection is thawed, the hold is in place.
@@ -325,6 +328,7 @@ mod tests {
                 prefix_len: 32,
                 ports: vec![7000],
             },
+            service: b"checkpoint".to_vec(),
             connections: (0..n)
                 .map(|i| ConnHandoff::new(i, &sample_state(), vec![1, 2, 3]))
                 .collect(),
@@ -419,6 +423,7 @@ mod tests {
                 prefix_len: 128,
                 ports: vec![],
             },
+            service: Vec::new(),
             connections,
         };
         assert!(matches!(

@@ -19,6 +19,7 @@
 //! I and J are written in decimal in both families (`node12` is
 //! `198.18.1.12` and `fd00:198:18::1:12`).
 
+pub mod cluster;
 mod counters;
 mod host;
 mod shell;
@@ -427,31 +428,34 @@ impl Lab {
         Ok(self.command(host, program)?.args(args).status()?)
     }
 
-    /// Starts a background process inside `host`. It is killed (by its
-    /// pid) when the lab is dropped, unless it has exited before.
-    pub fn spawn(&self, host: &str, command: Command) -> Result<u32, LabError> {
-        let host = self.host(host)?;
-        let program = command.get_program().to_owned();
-        let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
-        let mut wrapped = Command::new("ip");
-        wrapped
-            .args(["netns", "exec", &host.netns])
-            .arg(program)
-            .args(args)
-            .stdin(Stdio::null());
-        for (k, v) in command.get_envs() {
-            match v {
-                Some(v) => wrapped.env(k, v),
-                None => wrapped.env_remove(k),
-            };
-        }
-        if let Some(dir) = command.get_current_dir() {
-            wrapped.current_dir(dir);
-        }
-        let child = wrapped.spawn()?;
+    /// Starts a background process made with [`Lab::command`] (so it runs
+    /// inside its host). It is killed (by its pid) when the lab is dropped,
+    /// unless it has exited before.
+    pub fn spawn(&self, mut command: Command) -> Result<u32, LabError> {
+        let child = command.stdin(Stdio::null()).spawn()?;
         let pid = child.id();
         self.children.lock().expect("lab children lock").push(child);
         Ok(pid)
+    }
+
+    /// Stops a process started with [`Lab::spawn`]: SIGTERM, then SIGKILL if
+    /// it is still running after `grace`. Returns its exit status.
+    pub fn stop(&self, pid: u32, grace: std::time::Duration) -> Option<ExitStatus> {
+        let mut children = self.children.lock().unwrap_or_else(|e| e.into_inner());
+        let child = children.iter_mut().find(|c| c.id() == pid)?;
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        baton_net::netns::terminate(pid);
+        let deadline = std::time::Instant::now() + grace;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let _ = child.kill();
+        child.wait().ok()
     }
 
     /// Runs `f` on a thread inside `host`'s namespace and returns its result.

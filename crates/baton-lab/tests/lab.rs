@@ -2,7 +2,6 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::process::Command;
 use std::time::Duration;
 
 use baton_lab::{Fault, Lab};
@@ -104,8 +103,8 @@ fn two_labs_side_by_side_every_host_reaches_every_other() {
 fn isolate_cuts_a_host_off_and_heal_restores_it() {
     let lab = Lab::create(&Lab::unique_name("fi"), 2, 1).unwrap();
     let pid = lab
-        .spawn("node2", {
-            let mut c = Command::new("sleep");
+        .spawn({
+            let mut c = lab.command("node2", "sleep").unwrap();
             c.arg("30");
             c
         })
@@ -132,14 +131,14 @@ fn isolate_cuts_a_host_off_and_heal_restores_it() {
 #[test]
 fn crash_kills_every_process_and_takes_the_link_down() {
     let lab = Lab::create(&Lab::unique_name("cr"), 2, 1).unwrap();
-    let sleeper = |secs: &str| {
-        let mut c = Command::new("sleep");
+    let sleeper = |host: &str, secs: &str| {
+        let mut c = lab.command(host, "sleep").unwrap();
         c.arg(secs);
         c
     };
-    lab.spawn("node1", sleeper("30")).unwrap();
-    lab.spawn("node1", sleeper("31")).unwrap();
-    let survivor = lab.spawn("node2", sleeper("32")).unwrap();
+    lab.spawn(sleeper("node1", "30")).unwrap();
+    lab.spawn(sleeper("node1", "31")).unwrap();
+    let survivor = lab.spawn(sleeper("node2", "32")).unwrap();
     std::thread::sleep(Duration::from_millis(100));
     let running = |host: &str| {
         lab.status()

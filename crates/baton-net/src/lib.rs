@@ -2,6 +2,7 @@
 //! the project live in this crate; the others call its safe functions.
 
 pub mod hold;
+pub mod listen;
 pub mod netns;
 pub mod repair;
 pub mod vip;

@@ -172,6 +172,14 @@ pub fn pids_in(path: &Path) -> Vec<u32> {
     pids
 }
 
+/// Sends SIGTERM to process `pid` (a clean stop). Errors (already gone)
+/// are ignored.
+pub fn terminate(pid: u32) {
+    if let Ok(pid) = i32::try_from(pid) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGTERM);
+    }
+}
+
 /// Sends SIGKILL to process `pid`. Errors (already gone) are ignored.
 pub fn kill(pid: u32) {
     if let Ok(pid) = i32::try_from(pid) {

@@ -132,6 +132,27 @@ impl EchoHostHandle {
     }
 }
 
+/// An echo host takes moved connections; it has no state of its own.
+impl crate::relocation::Taker for EchoHostHandle {
+    type Prepared = ();
+
+    fn prepare(
+        &mut self,
+        _vip: &baton_core::relocation::Vip,
+        service: &[u8],
+    ) -> Result<(), String> {
+        if service.is_empty() {
+            Ok(())
+        } else {
+            Err("an echo host takes connections only, not service state".into())
+        }
+    }
+
+    fn adopt(&mut self, _prepared: (), conns: Vec<Parked>) {
+        EchoHostHandle::adopt(self, conns);
+    }
+}
+
 /// Runs an echo host on the current tokio runtime: accepts on `listener`
 /// (if any) until the handle is dropped.
 pub fn spawn(listener: Option<TcpListener>, ledger: Arc<Ledger>) -> EchoHostHandle {

@@ -1,6 +1,10 @@
-//! The baton node: moving live connections between nodes, and (next) the
-//! daemon that runs services and answers the control API.
+//! The baton node: runs services from their event log, moves them with
+//! their live connections between nodes, and answers the control API.
 
+pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod echo_host;
 pub mod move_agent;
 pub mod relocation;
+pub mod runtime;

@@ -177,8 +177,7 @@ async fn run(
     let adopt_host = host.clone();
     let move_cfg = cfg.moves.clone();
     let listener_task = tokio::spawn(async move {
-        let _ =
-            relocation::serve_moves(move_cfg, moves, move |conns| adopt_host.adopt(conns)).await;
+        let _ = relocation::serve_moves(move_cfg, moves, adopt_host).await;
     });
     let _ = ready.send(Ok(()));
     while let Some(command) = commands.recv().await {
@@ -188,18 +187,17 @@ async fn run(
             }
             AgentCommand::MoveOut { target, vip, reply } => {
                 let h = host.clone();
-                let result =
-                    relocation::move_out(
-                        &cfg.moves,
-                        target,
-                        &vip,
-                        || async move { h.hand_off().await },
-                    )
-                    .await;
+                let result = relocation::move_out(&cfg.moves, target, &vip, || async move {
+                    relocation::Handoff {
+                        service: Vec::new(),
+                        conns: h.hand_off().await,
+                    }
+                })
+                .await;
                 let answer = match result {
                     Ok(report) => Ok(report),
                     Err(failure) => {
-                        host.adopt(failure.kept);
+                        host.adopt(failure.kept.conns);
                         Err(failure.error.to_string())
                     }
                 };

@@ -122,14 +122,24 @@ pub enum MoveError {
     Repair { id: u64, source: RepairError },
     #[error("bad connection state from peer: {0}")]
     State(WireError),
+    #[error("refused: {0}")]
+    Refused(String),
 }
 
-/// A failed move: the error, and the connections given back to the
-/// application, working again.
+/// What an application gives up for a move, and gets back if it fails.
+#[derive(Debug, Default)]
+pub struct Handoff {
+    /// The application's state as a whole (a service checkpoint).
+    pub service: Vec<u8>,
+    pub conns: Vec<Parked>,
+}
+
+/// A failed move: the error, and what the application handed off, given
+/// back working again.
 #[derive(Debug)]
 pub struct MoveFailure {
     pub error: MoveError,
-    pub kept: Vec<Parked>,
+    pub kept: Handoff,
 }
 
 /// What a completed move did, as seen by the source.
@@ -210,10 +220,11 @@ fn new_move_id() -> u64 {
     nanos ^ u64::from(std::process::id()) << 48
 }
 
-/// Moves `vip` and the connections `hand_off` yields to the node whose move
-/// listener is `target`. `hand_off` is called once the VIP's traffic is
-/// held; it must stop the application using those connections. On failure
-/// every connection comes back working, in [`MoveFailure::kept`].
+/// Moves `vip`, the application state and the connections `hand_off`
+/// yields to the node whose move listener is `target`. `hand_off` is called
+/// once the VIP's traffic is held; it must stop the application using those
+/// connections. On failure everything comes back working, in
+/// [`MoveFailure::kept`].
 pub async fn move_out<F, Fut>(
     cfg: &MoveConfig,
     target: SocketAddr,
@@ -222,11 +233,11 @@ pub async fn move_out<F, Fut>(
 ) -> Result<MoveReport, MoveFailure>
 where
     F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = Vec<Parked>>,
+    Fut: std::future::Future<Output = Handoff>,
 {
     let fail = |error: MoveError| MoveFailure {
         error,
-        kept: Vec::new(),
+        kept: Handoff::default(),
     };
     // Reach the target before anything changes here.
     let mut control =
@@ -244,7 +255,10 @@ where
 
     let started = Instant::now();
     let hold = install_hold(cfg, vip).map_err(|e| fail(e.into()))?;
-    let parked = hand_off().await;
+    let Handoff {
+        service,
+        conns: parked,
+    } = hand_off().await;
 
     // Freeze. A socket that cannot be frozen fails the whole move.
     let freeze_started = Instant::now();
@@ -270,7 +284,7 @@ where
         ("freeze", freeze_sockets),
     ];
     if let Some(error) = failure {
-        return Err(roll_back(cfg, vip, hold, frozen, unfrozen, error).await);
+        return Err(roll_back(cfg, vip, hold, service, frozen, unfrozen, error).await);
     }
 
     let move_id = new_move_id();
@@ -278,13 +292,14 @@ where
     let offer = MoveMessage::Offer {
         move_id,
         vip: vip.clone(),
+        service: service.clone(),
         connections: frozen
             .iter()
             .map(|(p, state)| ConnHandoff::new(p.id, state, p.app.clone()))
             .collect(),
     };
     if let Err(e) = session.on_send(&offer) {
-        return Err(roll_back(cfg, vip, hold, frozen, Vec::new(), e.into()).await);
+        return Err(roll_back(cfg, vip, hold, service, frozen, Vec::new(), e.into()).await);
     }
     let encoded_at = started.elapsed();
     if let Err(source) = write_message(&mut control, &offer).await {
@@ -292,7 +307,7 @@ where
             peer: target,
             source,
         };
-        return Err(roll_back(cfg, vip, hold, frozen, Vec::new(), e).await);
+        return Err(roll_back(cfg, vip, hold, service, frozen, Vec::new(), e).await);
     }
     drop(offer);
     phases.push(("offer_encoded", encoded_at));
@@ -303,7 +318,7 @@ where
     };
     if let Err(e) = ready {
         session.abort();
-        return Err(roll_back(cfg, vip, hold, frozen, Vec::new(), e).await);
+        return Err(roll_back(cfg, vip, hold, service, frozen, Vec::new(), e).await);
     }
     phases.push(("ready", started.elapsed()));
 
@@ -383,6 +398,7 @@ async fn roll_back(
     cfg: &MoveConfig,
     vip: &Vip,
     hold: Hold,
+    service: Vec<u8>,
     frozen: Vec<(Parked, TcpConnState)>,
     mut kept: Vec<Parked>,
     error: MoveError,
@@ -400,20 +416,38 @@ async fn roll_back(
     if let Err(e) = vip::take(&cfg.spec(vip), cfg.announce).await {
         tracing::error!(error = %e, "re-announcing the VIP on rollback");
     }
-    MoveFailure { error, kept }
+    MoveFailure {
+        error,
+        kept: Handoff {
+            service,
+            conns: kept,
+        },
+    }
 }
 
-/// Handles one incoming move on `control`: thaws the offered connections,
-/// takes the VIP and hands the connections to `adopt`. On any failure
-/// before `Commit`, nothing is kept and the source keeps serving.
-pub async fn accept_move<F>(
+/// The application side of a target: checks an offer before anything
+/// changes, then takes over what was moved.
+pub trait Taker {
+    /// What [`Taker::prepare`] makes of the offered state.
+    type Prepared;
+    /// Called before anything changes here: can this node take the offered
+    /// application state (restore a checkpoint, check it is known)? An
+    /// error refuses the move; the source keeps serving.
+    fn prepare(&mut self, vip: &Vip, service: &[u8]) -> Result<Self::Prepared, String>;
+    /// Called once the move is committed, before the VIP's held traffic is
+    /// let in: serve these connections from now on.
+    fn adopt(&mut self, prepared: Self::Prepared, conns: Vec<Parked>);
+}
+
+/// Handles one incoming move on `control`: asks `taker` to prepare, thaws
+/// the offered connections, takes the VIP and hands everything to `taker`.
+/// On any failure before `Commit`, nothing is kept and the source keeps
+/// serving.
+pub async fn accept_move<T: Taker>(
     cfg: &MoveConfig,
     mut control: TcpStream,
-    adopt: F,
-) -> Result<TakeReport, MoveError>
-where
-    F: FnOnce(Vec<Parked>),
-{
+    taker: &mut T,
+) -> Result<TakeReport, MoveError> {
     let _ = control.set_nodelay(true);
     let mut session = MoveSession::new(Role::Target);
     // The offer may carry large queues: give it time.
@@ -432,10 +466,25 @@ where
     let MoveMessage::Offer {
         move_id,
         vip,
+        service,
         connections,
     } = offer
     else {
         unreachable!("the session accepted an Offer");
+    };
+    let prepared = match taker.prepare(&vip, &service) {
+        Ok(p) => p,
+        Err(reason) => {
+            let _ = write_message(
+                &mut control,
+                &MoveMessage::Refused {
+                    move_id,
+                    reason: reason.clone(),
+                },
+            )
+            .await;
+            return Err(MoveError::Refused(reason));
+        }
     };
 
     match take_in(cfg, &mut control, &mut session, move_id, &vip, connections).await {
@@ -447,7 +496,7 @@ where
                 move_id,
                 &vip,
                 taken_in,
-                adopt,
+                |conns| taker.adopt(prepared, conns),
             )
             .await
         }
@@ -643,15 +692,16 @@ where
     })
 }
 
-/// Serves incoming moves on `listener`, one at a time, handing the
-/// connections of each to `adopt`. Returns when `listener` fails.
-pub async fn serve_moves<F>(cfg: MoveConfig, listener: TcpListener, adopt: F) -> std::io::Result<()>
-where
-    F: Fn(Vec<Parked>),
-{
+/// Serves incoming moves on `listener`, one at a time, with `taker`.
+/// Returns when `listener` fails.
+pub async fn serve_moves<T: Taker>(
+    cfg: MoveConfig,
+    listener: TcpListener,
+    mut taker: T,
+) -> std::io::Result<()> {
     loop {
         let (control, peer) = listener.accept().await?;
-        match accept_move(&cfg, control, &adopt).await {
+        match accept_move(&cfg, control, &mut taker).await {
             Ok(report) => {
                 tracing::info!(%peer, connections = report.connections, thaw_ms = report.thaw_sockets.as_secs_f64() * 1e3, "moved in")
             }

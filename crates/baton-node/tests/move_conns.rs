@@ -13,7 +13,7 @@ use baton_core::relocation::Vip;
 use baton_lab::{Lab, TcpCounters};
 use baton_node::echo_host::{connection_id, Ledger};
 use baton_node::move_agent::{AgentConfig, MoveAgent};
-use baton_node::relocation::{self, MoveConfig, Parked};
+use baton_node::relocation::{self, Handoff, MoveConfig, Parked, Taker};
 use rand::{RngCore, SeedableRng};
 use sha2::{Digest, Sha256};
 
@@ -361,6 +361,19 @@ fn a_target_that_dies_mid_move_leaves_the_source_serving() {
     assert_no_resets(&lab, "client1", &before);
 }
 
+/// Hands moved connections to the test.
+struct ChannelTaker(mpsc::Sender<Vec<Parked>>);
+
+impl Taker for ChannelTaker {
+    type Prepared = ();
+    fn prepare(&mut self, _vip: &Vip, _service: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+    fn adopt(&mut self, _: (), conns: Vec<Parked>) {
+        self.0.send(conns).unwrap();
+    }
+}
+
 /// Runs `move_out` on node1 for the sockets `serve` gives, and `accept_move`
 /// on node2; returns the sockets as node2 adopted them.
 fn move_raw(lab: &Lab, vip: &Vip, sockets: Vec<TcpStream>) -> Vec<TcpStream> {
@@ -379,11 +392,9 @@ fn move_raw(lab: &Lab, vip: &Vip, sockets: Vec<TcpStream>) -> Vec<TcpStream> {
                 listener.set_nonblocking(true).unwrap();
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
                 let (control, _) = listener.accept().await.unwrap();
-                relocation::accept_move(&move_config(), control, |conns| {
-                    adopted_tx.send(conns).unwrap();
-                })
-                .await
-                .unwrap()
+                relocation::accept_move(&move_config(), control, &mut ChannelTaker(adopted_tx))
+                    .await
+                    .unwrap()
             })
         })
         .unwrap();
@@ -403,9 +414,14 @@ fn move_raw(lab: &Lab, vip: &Vip, sockets: Vec<TcpStream>) -> Vec<TcpStream> {
                         app: Vec::new(),
                     })
                     .collect();
-                relocation::move_out(&move_config(), target_addr, &vip2, || async move { parked })
-                    .await
-                    .map_err(|f| f.error.to_string())
+                relocation::move_out(&move_config(), target_addr, &vip2, || async move {
+                    Handoff {
+                        service: Vec::new(),
+                        conns: parked,
+                    }
+                })
+                .await
+                .map_err(|f| f.error.to_string())
             })
         })
         .unwrap()

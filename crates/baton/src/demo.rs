@@ -1,50 +1,238 @@
-//! `baton demo`: what a newcomer runs first.
+//! `baton demo`: what a newcomer runs first. A lab of three nodes runs the
+//! `kv` service; redis-benchmark hammers its VIP while `kv` is moved around
+//! the nodes with all its connections, and a probe client counts and times
+//! every INCR it makes. Then the lab is removed.
 
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, Context, Result};
+use baton_lab::cluster::{Cluster, ServiceSpec};
 use baton_lab::Lab;
 use clap::Args;
+use serde::Serialize;
+
+const KV_PORT: u16 = 6379;
 
 #[derive(Args)]
 pub struct DemoArgs {
     /// Name of the lab the demo builds (removed at the end).
     #[arg(long, default_value = "demo")]
     name: String,
+    /// Requests redis-benchmark makes per test.
+    #[arg(long, default_value_t = 100_000)]
+    requests: u64,
+    /// Time between two moves, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    move_every_ms: u64,
+    /// Print one JSON line: {"moves","ops","client_errors","max_pause_ms"}.
+    #[arg(long)]
+    json: bool,
 }
 
+#[derive(Serialize)]
+struct DemoReport {
+    moves: u32,
+    ops: u64,
+    client_errors: u64,
+    max_pause_ms: f64,
+}
+
+const TESTS: &str = "ping,set,get,incr,lpush,rpush,lpop,rpop,sadd,hset,mset";
+
 pub fn run(args: DemoArgs) -> Result<i32> {
-    let lab = Lab::create(&args.name, 3, 2)?;
-    println!("lab {:?}: 3 nodes, 2 clients", lab.name());
-    for host in lab.hosts() {
-        println!("  {:<8} {:<14} {}", host.name, host.ipv4, host.ipv6);
-    }
-    let mut failures = 0;
-    println!("every host pings every other host (IPv4 and IPv6):");
-    for from in lab.hosts() {
-        let mut line = format!("  {:<8}", from.name);
-        for to in lab.hosts().iter().filter(|h| h.name != from.name) {
-            for v6 in [false, true] {
-                let ok = lab
-                    .command(&from.name, "ping")?
-                    .args(["-c1", "-W1", "-q", &to.addr(v6).to_string()])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()?
-                    .success();
-                if !ok {
-                    failures += 1;
-                }
-                line.push(if ok { '.' } else { 'X' });
-            }
-            line.push(' ');
+    let say = |line: String| {
+        if !args.json {
+            println!("{line}");
         }
-        println!("{line}");
+    };
+    let lab = Lab::create(&args.name, 3, 2)?;
+    let vip = IpAddr::V4(Lab::vip(1).0);
+    say(format!(
+        "lab {:?}: nodes node1..node3 (198.18.1.1-3), clients client1, client2; kv at {vip}:{KV_PORT}",
+        lab.name()
+    ));
+    let bin = std::env::current_exe().context("locating the baton binary")?;
+    let cluster = Cluster::start(
+        lab,
+        &bin,
+        &[ServiceSpec {
+            name: "kv".into(),
+            kind: "kv".into(),
+            vip,
+            prefix_len: 16,
+            ports: vec![KV_PORT],
+            preferred_node: "node1".into(),
+        }],
+    )?;
+    say("three `baton node` processes up; kv runs on node1".into());
+
+    let mut bench = cluster
+        .lab
+        .command("client1", "redis-benchmark")?
+        .args(["-h", &vip.to_string(), "-p", &KV_PORT.to_string()])
+        .args([
+            "-c",
+            "50",
+            "-n",
+            &args.requests.to_string(),
+            "-q",
+            "-t",
+            TESTS,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting redis-benchmark (install redis-tools: scripts/setup.sh)")?;
+    say(format!(
+        "client1: redis-benchmark -c 50 -n {} -t {TESTS}",
+        args.requests
+    ));
+    let stop = Arc::new(AtomicBool::new(false));
+    let probe = start_probe(&cluster, vip, stop.clone())?;
+    say("client2: a probe INCRs a counter in a loop, timing each reply".into());
+
+    let nodes = ["node1", "node2", "node3"];
+    let mut at = 0;
+    let mut moves = 0u32;
+    let mut move_errors = 0u64;
+    let bench_done = loop {
+        std::thread::sleep(Duration::from_millis(args.move_every_ms));
+        if let Some(status) = bench.try_wait()? {
+            break status;
+        }
+        let next = (at + 1) % nodes.len();
+        match cluster.move_service("node1", "kv", nodes[next]) {
+            Ok(freeze_ms) => {
+                moves += 1;
+                say(format!(
+                    "moved kv {} -> {}: connections frozen for {freeze_ms:.1} ms",
+                    nodes[at], nodes[next]
+                ));
+                at = next;
+            }
+            Err(e) => {
+                move_errors += 1;
+                say(format!("move {} -> {} failed: {e}", nodes[at], nodes[next]));
+            }
+        }
+    };
+    stop.store(true, Ordering::Relaxed);
+    let probe = probe
+        .join()
+        .map_err(|_| anyhow!("the probe client panicked"))?;
+    let mut out = String::new();
+    if let Some(mut s) = bench.stdout.take() {
+        s.read_to_string(&mut out)?;
     }
-    lab.remove()?;
-    println!("lab removed");
-    if failures > 0 {
-        bail!("{failures} pings failed");
+    let mut err = String::new();
+    if let Some(mut s) = bench.stderr.take() {
+        s.read_to_string(&mut err)?;
     }
-    Ok(0)
+    say(format!("redis-benchmark:\n{}", out.trim_end()));
+    let tests = TESTS.split(',').count() as u64;
+    let bench_errors = u64::from(!bench_done.success())
+        + (out + &err)
+            .lines()
+            .filter(|l| l.to_lowercase().contains("error"))
+            .count() as u64;
+    let report = DemoReport {
+        moves,
+        ops: args.requests * tests + probe.ops,
+        client_errors: bench_errors + probe.errors,
+        max_pause_ms: probe.max_pause.as_secs_f64() * 1e3,
+    };
+    drop(cluster);
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "\n{} moves while redis-benchmark ran; {} operations, {} client errors, longest pause a client saw: {:.1} ms",
+            report.moves, report.ops, report.client_errors, report.max_pause_ms
+        );
+        println!(
+            "the probe's counter reads {} after {} INCRs ({})",
+            probe.final_value,
+            probe.ops,
+            if probe.final_value == probe.ops {
+                "nothing lost, nothing repeated"
+            } else {
+                "MISMATCH"
+            }
+        );
+        println!("lab removed");
+    }
+    Ok(
+        if report.client_errors == 0 && move_errors == 0 && probe.final_value == probe.ops {
+            0
+        } else {
+            1
+        },
+    )
+}
+
+struct ProbeResult {
+    ops: u64,
+    errors: u64,
+    max_pause: Duration,
+    final_value: u64,
+}
+
+/// A client on client2 that INCRs one key on one connection until told to
+/// stop, checking each answer and timing it.
+fn start_probe(
+    cluster: &Cluster,
+    vip: IpAddr,
+    stop: Arc<AtomicBool>,
+) -> Result<std::thread::JoinHandle<ProbeResult>> {
+    let addr = SocketAddr::new(vip, KV_PORT);
+    let stream = cluster.lab.run_in("client2", move || {
+        TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+    })??;
+    Ok(std::thread::spawn(move || {
+        let mut s = stream;
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        let _ = s.set_nodelay(true);
+        let mut result = ProbeResult {
+            ops: 0,
+            errors: 0,
+            max_pause: Duration::ZERO,
+            final_value: 0,
+        };
+        let cmd = b"*2\r\n$4\r\nINCR\r\n$10\r\ndemo:probe\r\n";
+        let mut buf = [0u8; 64];
+        while !stop.load(Ordering::Relaxed) {
+            let started = Instant::now();
+            if s.write_all(cmd).is_err() {
+                result.errors += 1;
+                break;
+            }
+            let mut got = Vec::new();
+            while !got.ends_with(b"\r\n") {
+                match s.read(&mut buf) {
+                    Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+                    _ => {
+                        result.errors += 1;
+                        return result;
+                    }
+                }
+            }
+            result.max_pause = result.max_pause.max(started.elapsed());
+            let value = std::str::from_utf8(&got)
+                .ok()
+                .and_then(|t| t.trim().strip_prefix(':'))
+                .and_then(|n| n.parse::<u64>().ok());
+            result.ops += 1;
+            match value {
+                Some(v) if v == result.ops => result.final_value = v,
+                _ => result.errors += 1,
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        result
+    }))
 }

@@ -3,6 +3,8 @@
 mod bench;
 mod demo;
 mod lab;
+mod node;
+mod services;
 
 use clap::{Parser, Subcommand};
 
@@ -23,6 +25,10 @@ enum Commands {
     Demo(demo::DemoArgs),
     /// Benchmarks in the lab (needs root); JSON with --json.
     Bench(bench::BenchArgs),
+    /// Runs a node: its services, the control API, moves (needs root).
+    Node(node::NodeArgs),
+    /// Talks to the local node: status, move.
+    Ctl(node::CtlArgs),
 }
 
 fn main() {
@@ -45,6 +51,8 @@ fn main() {
         Commands::Lab(args) => lab::run(args),
         Commands::Demo(args) => demo::run(args),
         Commands::Bench(args) => bench::run(args),
+        Commands::Node(args) => node::run_node(args),
+        Commands::Ctl(args) => node::run_ctl(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

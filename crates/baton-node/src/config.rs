@@ -1,0 +1,294 @@
+//! The node's configuration file (TOML).
+//!
+//! ```toml
+//! node = "node1"                  # this node's name, a key of [peers]
+//! interface = "eth0"              # the cluster interface (VIPs go there)
+//! state_dir = "/run/baton/node1"  # control socket; one per node
+//! # vrid = 51                     # optional: VIPs ride the VRRP virtual MAC
+//!
+//! [peers]                         # every node, this one included
+//! node1 = "198.18.1.1:7700"
+//! node2 = "198.18.1.2:7700"
+//!
+//! [[services]]
+//! name = "kv"
+//! kind = "kv"                     # kv or echo
+//! vip = "198.18.100.1/16"         # address/prefix, IPv4 or IPv6
+//! ports = [6379]
+//! preferred_node = "node1"        # where it runs at start
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use baton_core::relocation::Vip;
+use serde::Deserialize;
+
+/// A configuration error: the file, the key and what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}: {problem}")]
+pub struct ConfigError {
+    pub file: String,
+    pub key: String,
+    pub problem: String,
+}
+
+/// The node's configuration, checked.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub node: String,
+    pub interface: String,
+    pub state_dir: PathBuf,
+    pub vrid: Option<u8>,
+    pub peers: BTreeMap<String, SocketAddr>,
+    pub services: Vec<ServiceConfig>,
+}
+
+/// One service of the cluster.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub kind: String,
+    pub vip: Vip,
+    pub preferred_node: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    node: String,
+    interface: String,
+    state_dir: PathBuf,
+    vrid: Option<u8>,
+    peers: BTreeMap<String, String>,
+    #[serde(default)]
+    services: Vec<RawService>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: String,
+    kind: String,
+    vip: String,
+    ports: Vec<u16>,
+    preferred_node: String,
+}
+
+impl NodeConfig {
+    /// Reads and checks a configuration file. `kinds` are the service kinds
+    /// this binary can run.
+    pub fn load(path: &Path, kinds: &[&str]) -> Result<NodeConfig, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            key: "-".into(),
+            problem: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&file, &text, kinds)
+    }
+
+    /// Parses and checks configuration text; `file` names it in errors.
+    pub fn parse(file: &str, text: &str, kinds: &[&str]) -> Result<NodeConfig, ConfigError> {
+        let err = |key: &str, problem: String| ConfigError {
+            file: file.to_owned(),
+            key: key.to_owned(),
+            problem,
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let problem = e.message().to_owned();
+            let key = match e.span() {
+                Some(span) => {
+                    let line = text[..span.start.min(text.len())].lines().count().max(1);
+                    format!("line {line}")
+                }
+                None => "-".into(),
+            };
+            err(&key, problem)
+        })?;
+        let mut peers = BTreeMap::new();
+        for (name, addr) in &raw.peers {
+            let parsed: SocketAddr = addr.parse().map_err(|_| {
+                err(
+                    &format!("peers.{name}"),
+                    format!("expected ADDRESS:PORT, got {addr:?}"),
+                )
+            })?;
+            peers.insert(name.clone(), parsed);
+        }
+        if !peers.contains_key(&raw.node) {
+            return Err(err(
+                "node",
+                format!("{:?} is not one of [peers] ({})", raw.node, names(&peers)),
+            ));
+        }
+        if raw.interface.is_empty() || raw.interface.len() > 15 {
+            return Err(err(
+                "interface",
+                "expected an interface name of 1 to 15 characters".into(),
+            ));
+        }
+        if raw.vrid == Some(0) {
+            return Err(err("vrid", "VRRP router ids are 1 to 255".into()));
+        }
+        let mut services: Vec<ServiceConfig> = Vec::new();
+        for (i, s) in raw.services.into_iter().enumerate() {
+            let key = |field: &str| format!("services[{i}].{field}");
+            if s.name.is_empty() || services.iter().any(|o| o.name == s.name) {
+                return Err(err(
+                    &key("name"),
+                    format!("{:?} is empty or used twice", s.name),
+                ));
+            }
+            if !kinds.contains(&s.kind.as_str()) {
+                return Err(err(
+                    &key("kind"),
+                    format!("unknown kind {:?}: use one of {}", s.kind, kinds.join(", ")),
+                ));
+            }
+            let (addr, prefix) = s.vip.split_once('/').ok_or_else(|| {
+                err(
+                    &key("vip"),
+                    format!("expected ADDRESS/PREFIX, got {:?}", s.vip),
+                )
+            })?;
+            let addr: IpAddr = addr
+                .parse()
+                .map_err(|_| err(&key("vip"), format!("{addr:?} is not an IP address")))?;
+            let prefix_len: u8 = prefix
+                .parse()
+                .map_err(|_| err(&key("vip"), format!("{prefix:?} is not a prefix length")))?;
+            if s.ports.is_empty() {
+                return Err(err(&key("ports"), "list at least one port".into()));
+            }
+            let vip = Vip {
+                addr,
+                prefix_len,
+                ports: s.ports,
+            };
+            vip.validate().map_err(|p| err(&key("vip"), p))?;
+            if services.iter().any(|o| {
+                o.vip.addr == vip.addr && o.vip.ports.iter().any(|p| vip.ports.contains(p))
+            }) {
+                return Err(err(
+                    &key("ports"),
+                    "another service already uses this VIP and port".into(),
+                ));
+            }
+            if !peers.contains_key(&s.preferred_node) {
+                return Err(err(
+                    &key("preferred_node"),
+                    format!(
+                        "{:?} is not one of [peers] ({})",
+                        s.preferred_node,
+                        names(&peers)
+                    ),
+                ));
+            }
+            services.push(ServiceConfig {
+                name: s.name,
+                kind: s.kind,
+                vip,
+                preferred_node: s.preferred_node,
+            });
+        }
+        Ok(NodeConfig {
+            node: raw.node,
+            interface: raw.interface,
+            state_dir: raw.state_dir,
+            vrid: raw.vrid,
+            peers,
+            services,
+        })
+    }
+
+    /// The control socket of this node.
+    pub fn control_socket(&self) -> PathBuf {
+        self.state_dir.join("control.sock")
+    }
+
+    /// This node's peer address.
+    pub fn own_addr(&self) -> SocketAddr {
+        self.peers[&self.node]
+    }
+}
+
+fn names(peers: &BTreeMap<String, SocketAddr>) -> String {
+    peers.keys().cloned().collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+node = "node1"
+interface = "eth0"
+state_dir = "/tmp/x"
+[peers]
+node1 = "198.18.1.1:7700"
+node2 = "198.18.1.2:7700"
+[[services]]
+name = "kv"
+kind = "kv"
+vip = "198.18.100.1/16"
+ports = [6379]
+preferred_node = "node2"
+"#;
+
+    fn parse(text: &str) -> Result<NodeConfig, ConfigError> {
+        NodeConfig::parse("node.toml", text, &["kv", "echo"])
+    }
+
+    #[test]
+    fn a_good_config_parses() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.node, "node1");
+        assert_eq!(c.services[0].vip.ports, vec![6379]);
+        assert_eq!(c.own_addr(), "198.18.1.1:7700".parse().unwrap());
+    }
+
+    #[test]
+    fn errors_name_file_key_and_problem() {
+        let cases = [
+            (
+                GOOD.replace("kind = \"kv\"", "kind = \"sql\""),
+                "services[0].kind",
+            ),
+            (
+                GOOD.replace("198.18.100.1/16", "198.18.100.1"),
+                "services[0].vip",
+            ),
+            (
+                GOOD.replace("198.18.100.1/16", "nope/16"),
+                "services[0].vip",
+            ),
+            (
+                GOOD.replace("198.18.100.1/16", "198.18.100.1/40"),
+                "services[0].vip",
+            ),
+            (
+                GOOD.replace("ports = [6379]", "ports = []"),
+                "services[0].ports",
+            ),
+            (
+                GOOD.replace("preferred_node = \"node2\"", "preferred_node = \"node9\""),
+                "services[0].preferred_node",
+            ),
+            (GOOD.replace("node = \"node1\"", "node = \"node7\""), "node"),
+            (GOOD.replace("198.18.1.2:7700", "198.18.1.2"), "peers.node2"),
+            (
+                GOOD.replace("interface = \"eth0\"", "interface = \"eth0\"\ncolour = 3"),
+                "line",
+            ),
+        ];
+        for (text, key) in cases {
+            let e = parse(&text).unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.starts_with("node.toml: "), "{msg}");
+            assert!(e.key.starts_with(key), "{key} vs {msg}");
+            assert!(!msg.contains('\n'), "one line: {msg}");
+        }
+    }
+}

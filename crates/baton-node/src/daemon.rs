@@ -1,0 +1,523 @@
+//! `baton node`: runs the services this node owns, answers the control API
+//! and its peers, and moves services with their connections on request.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use baton_core::relocation::{Vip, MAGIC as MOVE_MAGIC};
+use baton_core::service::Service;
+use baton_net::vip::{self, VipSpec};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
+
+use crate::config::{NodeConfig, ServiceConfig};
+use crate::control::{
+    self, ClusterStatus, ControlReply, ControlRequest, MoveSummary, NodeEntry, PeerReply,
+    PeerRequest, ServiceEntry,
+};
+use crate::relocation::{self, MoveConfig, Parked, Taker};
+use crate::runtime::{Registry, ServiceRuntime, ServiceState};
+
+/// Why the node could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Setup(String),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeError {
+    let what = what.into();
+    move |source| NodeError::Io { what, source }
+}
+
+/// One configured service, as this node holds it.
+struct Slot {
+    cfg: ServiceConfig,
+    listeners: Vec<Arc<TcpListener>>,
+    /// Set while this node serves it.
+    runtime: Option<ServiceRuntime>,
+    moving: bool,
+}
+
+struct Node {
+    cfg: NodeConfig,
+    registry: Registry,
+    moves: MoveConfig,
+    slots: Mutex<BTreeMap<String, Slot>>,
+}
+
+impl Node {
+    fn spec(&self, vip: &Vip) -> VipSpec {
+        let spec = VipSpec::new(vip.addr, vip.prefix_len, self.cfg.interface.clone());
+        match self.cfg.vrid {
+            Some(vrid) => spec.with_vmac(vrid),
+            None => spec,
+        }
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Slot>> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Runs the node until SIGTERM or SIGINT; then releases its VIPs and
+/// removes its holds and control socket.
+pub async fn run(cfg: NodeConfig, registry: Registry) -> Result<(), NodeError> {
+    if baton_net::netns::in_root_namespace().unwrap_or(true) {
+        return Err(NodeError::Setup(
+            "refusing to run in the machine's root network namespace in this milestone: run the node inside a lab host (`baton lab exec HOST -- baton node ...`)".into(),
+        ));
+    }
+    std::fs::create_dir_all(&cfg.state_dir)
+        .map_err(io_err(format!("creating {}", cfg.state_dir.display())))?;
+    std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io_err(format!("securing {}", cfg.state_dir.display())))?;
+
+    // What a crashed run may have left: hold rules, VIPs we do not own.
+    if let Err(e) = baton_net::hold::sweep() {
+        tracing::warn!(error = %e, "sweeping hold rules");
+    }
+    let mut moves = MoveConfig::new(cfg.interface.clone());
+    moves.vrid = cfg.vrid;
+    moves.local_addr = Some(cfg.own_addr().ip());
+    let node = Arc::new(Node {
+        cfg: cfg.clone(),
+        registry,
+        moves,
+        slots: Mutex::new(BTreeMap::new()),
+    });
+
+    for s in &cfg.services {
+        let mut listeners = Vec::new();
+        for port in &s.vip.ports {
+            let what = format!("service {}: listening on {}:{port}", s.name, s.vip.addr);
+            let l = baton_net::listen::listen_freebind(SocketAddr::new(s.vip.addr, *port), 1024)
+                .and_then(TcpListener::from_std)
+                .map_err(io_err(what))?;
+            listeners.push(Arc::new(l));
+        }
+        let spec = node.spec(&s.vip);
+        let runtime = if s.preferred_node == cfg.node {
+            vip::take(&spec, node.moves.announce)
+                .await
+                .map_err(|e| NodeError::Setup(format!("service {}: taking VIP: {e}", s.name)))?;
+            let kind = node.registry.get(&s.kind).ok_or_else(|| {
+                NodeError::Setup(format!("service {}: unknown kind {}", s.name, s.kind))
+            })?;
+            Some(ServiceRuntime::start(
+                s.name.clone(),
+                s.kind.clone(),
+                kind.clone(),
+                listeners.clone(),
+            ))
+        } else {
+            if let Err(e) = vip::release(&spec).await {
+                tracing::warn!(service = %s.name, error = %e, "removing a leftover VIP");
+            }
+            None
+        };
+        node.slots().insert(
+            s.name.clone(),
+            Slot {
+                cfg: s.clone(),
+                listeners,
+                runtime,
+                moving: false,
+            },
+        );
+    }
+
+    let peers = TcpListener::bind(cfg.own_addr())
+        .await
+        .map_err(io_err(format!("listening for peers on {}", cfg.own_addr())))?;
+    let socket_path = cfg.control_socket();
+    let _ = std::fs::remove_file(&socket_path);
+    let control = UnixListener::bind(&socket_path)
+        .map_err(io_err(format!("control socket {}", socket_path.display())))?;
+    std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io_err(format!("securing {}", socket_path.display())))?;
+    tracing::info!(node = %cfg.node, peers = %cfg.own_addr(), control = %socket_path.display(), "node up");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(io_err("installing the SIGTERM handler"))?;
+    loop {
+        tokio::select! {
+            accepted = peers.accept() => {
+                if let Ok((stream, from)) = accepted {
+                    let node = node.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = serve_peer(node, stream).await {
+                            tracing::warn!(%from, error = %e, "peer request");
+                        }
+                    });
+                }
+            }
+            accepted = control.accept() => {
+                if let Ok((stream, _)) = accepted {
+                    let node = node.clone();
+                    tokio::spawn(async move {
+                        let (read, write) = stream.into_split();
+                        let reply = match control::read_request(read).await {
+                            Ok(req) => handle_control(&node, req).await,
+                            Err(message) => ControlReply::Error { message },
+                        };
+                        let _ = control::write_reply(write, &reply).await;
+                    });
+                }
+            }
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    shutdown(&node).await;
+    let _ = std::fs::remove_file(&socket_path);
+    Ok(())
+}
+
+/// Stops serving: every VIP this node holds is released (its clients then
+/// wait, as for a dead node, until the next milestone's failover).
+async fn shutdown(node: &Node) {
+    let held: Vec<Vip> = node
+        .slots()
+        .values()
+        .filter(|s| s.runtime.is_some())
+        .map(|s| s.cfg.vip.clone())
+        .collect();
+    for v in held {
+        if let Err(e) = vip::release(&node.spec(&v)).await {
+            tracing::warn!(vip = %v.addr, error = %e, "releasing a VIP at shutdown");
+        }
+    }
+    tracing::info!(node = %node.cfg.node, "node down");
+}
+
+/// A peer's connection: a move coming in, or a query.
+async fn serve_peer(node: Arc<Node>, mut stream: TcpStream) -> Result<(), String> {
+    let mut magic = [0u8; 4];
+    let peeked = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let n = stream.peek(&mut magic).await?;
+            if n == 0 || n == magic.len() {
+                return Ok::<usize, std::io::Error>(n);
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .map_err(|_| "peer sent nothing".to_string())?
+    .map_err(|e| e.to_string())?;
+    if peeked < magic.len() {
+        return Ok(());
+    }
+    if magic == MOVE_MAGIC {
+        let mut taker = NodeTaker { node: node.clone() };
+        let report = relocation::accept_move(&node.moves, stream, &mut taker)
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(
+            connections = report.connections,
+            thaw_ms = report.thaw_sockets.as_secs_f64() * 1e3,
+            "service moved in"
+        );
+        return Ok(());
+    }
+    let request: PeerRequest = control::read_peer(&mut stream).await?;
+    let reply = match request {
+        PeerRequest::Status => PeerReply::Running(running_here(&node).await),
+        PeerRequest::Move { service, to } => match move_out(&node, &service, &to).await {
+            Ok(summary) => PeerReply::Moved(summary),
+            Err(e) => PeerReply::Error(e),
+        },
+    };
+    control::write_peer(&mut stream, &reply)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Services this node runs: (name, connections, moving).
+async fn running_here(node: &Node) -> Vec<(String, usize, bool)> {
+    let running: Vec<(String, ServiceRuntime, bool)> = node
+        .slots()
+        .iter()
+        .filter_map(|(name, s)| Some((name.clone(), s.runtime.clone()?, s.moving)))
+        .collect();
+    let mut out = Vec::new();
+    for (name, rt, moving) in running {
+        out.push((name, rt.connections().await, moving));
+    }
+    out
+}
+
+/// Asks a peer something, with a short deadline (a dead peer must not
+/// stall `baton ctl status`).
+async fn ask_peer(
+    addr: SocketAddr,
+    req: &PeerRequest,
+    deadline: Duration,
+) -> Result<PeerReply, String> {
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        control::write_peer(&mut stream, req)
+            .await
+            .map_err(|e| e.to_string())?;
+        control::read_peer::<PeerReply, _>(&mut stream).await
+    };
+    tokio::time::timeout(deadline, exchange)
+        .await
+        .map_err(|_| format!("{addr} did not answer in time"))?
+}
+
+async fn cluster_status(node: &Node) -> ClusterStatus {
+    let mut nodes = Vec::new();
+    let mut where_runs: BTreeMap<String, (String, usize, bool)> = BTreeMap::new();
+    for (name, addr) in &node.cfg.peers {
+        let running = if *name == node.cfg.node {
+            Ok(running_here(node).await)
+        } else {
+            match ask_peer(*addr, &PeerRequest::Status, Duration::from_millis(800)).await {
+                Ok(PeerReply::Running(r)) => Ok(r),
+                Ok(_) => Err(()),
+                Err(_) => Err(()),
+            }
+        };
+        nodes.push(NodeEntry {
+            name: name.clone(),
+            address: *addr,
+            up: running.is_ok(),
+        });
+        for (service, conns, moving) in running.unwrap_or_default() {
+            where_runs.insert(service, (name.clone(), conns, moving));
+        }
+    }
+    let services = node
+        .cfg
+        .services
+        .iter()
+        .map(|s| {
+            let found = where_runs.get(&s.name);
+            ServiceEntry {
+                name: s.name.clone(),
+                kind: s.kind.clone(),
+                vip: s.vip.addr.to_string(),
+                ports: s.vip.ports.clone(),
+                running_on: found.map(|f| f.0.clone()),
+                connections: found.map_or(0, |f| f.1),
+                moving: found.is_some_and(|f| f.2),
+            }
+        })
+        .collect();
+    ClusterStatus {
+        node: node.cfg.node.clone(),
+        nodes,
+        services,
+    }
+}
+
+async fn handle_control(node: &Arc<Node>, req: ControlRequest) -> ControlReply {
+    match req {
+        ControlRequest::Status => ControlReply::Status(cluster_status(node).await),
+        ControlRequest::Move { service, to } => {
+            let result = async {
+                if !node.cfg.services.iter().any(|s| s.name == service) {
+                    return Err(format!(
+                        "unknown service {service:?} (configured: {})",
+                        node.cfg
+                            .services
+                            .iter()
+                            .map(|s| s.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                }
+                if !node.cfg.peers.contains_key(&to) {
+                    return Err(format!(
+                        "unknown node {to:?} (nodes: {})",
+                        node.cfg
+                            .peers
+                            .keys()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                }
+                let here = node
+                    .slots()
+                    .get(&service)
+                    .is_some_and(|s| s.runtime.is_some() || s.moving);
+                if here {
+                    return move_out(node, &service, &to).await;
+                }
+                let status = cluster_status(node).await;
+                let Some(owner) = status
+                    .services
+                    .iter()
+                    .find(|s| s.name == service)
+                    .and_then(|s| s.running_on.clone())
+                else {
+                    return Err(format!("service {service:?} runs on no reachable node"));
+                };
+                if owner == to {
+                    return Err(format!("service {service:?} already runs on {to}"));
+                }
+                let addr = node.cfg.peers[&owner];
+                match ask_peer(
+                    addr,
+                    &PeerRequest::Move {
+                        service: service.clone(),
+                        to,
+                    },
+                    Duration::from_secs(60),
+                )
+                .await?
+                {
+                    PeerReply::Moved(summary) => Ok(summary),
+                    PeerReply::Error(e) => Err(e),
+                    PeerReply::Running(_) => Err(format!("{owner} answered a move with a status")),
+                }
+            }
+            .await;
+            match result {
+                Ok(summary) => ControlReply::Moved(summary),
+                Err(message) => ControlReply::Error { message },
+            }
+        }
+    }
+}
+
+/// Moves a service this node runs to node `to`, with its connections.
+async fn move_out(node: &Arc<Node>, service: &str, to: &str) -> Result<MoveSummary, String> {
+    if to == node.cfg.node {
+        return Err(format!("service {service:?} already runs on {to}"));
+    }
+    let target = *node
+        .cfg
+        .peers
+        .get(to)
+        .ok_or_else(|| format!("unknown node {to:?}"))?;
+    let (runtime, vip, listeners) = {
+        let mut slots = node.slots();
+        let slot = slots
+            .get_mut(service)
+            .ok_or_else(|| format!("unknown service {service:?}"))?;
+        if slot.moving {
+            return Err(format!("a move of {service:?} is already under way"));
+        }
+        let runtime = slot
+            .runtime
+            .clone()
+            .ok_or_else(|| format!("service {service:?} does not run on {}", node.cfg.node))?;
+        slot.moving = true;
+        (runtime, slot.cfg.vip.clone(), slot.listeners.clone())
+    };
+    let hand_off_rt = runtime.clone();
+    let result = relocation::move_out(&node.moves, target, &vip, || async move {
+        hand_off_rt.hand_off().await.unwrap_or_default()
+    })
+    .await;
+    let mut slots = node.slots();
+    let slot = slots.get_mut(service).expect("configured services stay");
+    slot.moving = false;
+    match result {
+        Ok(report) => {
+            slot.runtime = None;
+            tracing::info!(
+                service,
+                to,
+                connections = report.connections,
+                freeze_ms = report.freeze.as_secs_f64() * 1e3,
+                "service moved out"
+            );
+            Ok(MoveSummary {
+                service: service.to_owned(),
+                from: node.cfg.node.clone(),
+                to: to.to_owned(),
+                connections: report.connections,
+                freeze_ms: report.freeze.as_secs_f64() * 1e3,
+            })
+        }
+        Err(failure) => {
+            // The service goes on here: untouched if the move failed before
+            // it was handed off, otherwise rebuilt from what it handed off.
+            if !runtime.is_running() {
+                match ServiceRuntime::prepare(&node.registry, &failure.kept.service) {
+                    Ok((state, restored)) => {
+                        slot.runtime = Some(ServiceRuntime::resume(
+                            state,
+                            restored,
+                            listeners,
+                            failure.kept.conns,
+                        ));
+                    }
+                    Err(e) => {
+                        slot.runtime = None;
+                        tracing::error!(service, error = %e, "cannot resume the service after a failed move");
+                    }
+                }
+            }
+            let why = failure.error.to_string();
+            Err(
+                if why.contains("refused") && why.contains("control connection") {
+                    format!("target {to} is down or unreachable: {why}")
+                } else {
+                    format!(
+                        "move of {service:?} to {to} failed, it keeps running on {}: {why}",
+                        node.cfg.node
+                    )
+                },
+            )
+        }
+    }
+}
+
+/// The node as the target of a move.
+struct NodeTaker {
+    node: Arc<Node>,
+}
+
+impl Taker for NodeTaker {
+    type Prepared = (ServiceState, Box<dyn Service>);
+
+    fn prepare(&mut self, vip: &Vip, service: &[u8]) -> Result<Self::Prepared, String> {
+        let (state, restored) = ServiceRuntime::prepare(&self.node.registry, service)?;
+        let mut slots = self.node.slots();
+        let slot = slots.get_mut(&state.name).ok_or_else(|| {
+            format!(
+                "service {:?} is not configured on {}",
+                state.name, self.node.cfg.node
+            )
+        })?;
+        if slot.runtime.is_some() {
+            return Err(format!(
+                "service {:?} already runs on {}",
+                state.name, self.node.cfg.node
+            ));
+        }
+        if slot.cfg.vip.addr != vip.addr || slot.cfg.kind != state.kind {
+            return Err(format!(
+                "service {:?} has another VIP or kind here: check both nodes' configuration",
+                state.name
+            ));
+        }
+        Ok((state, restored))
+    }
+
+    fn adopt(&mut self, (state, service): Self::Prepared, conns: Vec<Parked>) {
+        let mut slots = self.node.slots();
+        let Some(slot) = slots.get_mut(&state.name) else {
+            return;
+        };
+        slot.runtime = Some(ServiceRuntime::resume(
+            state,
+            service,
+            slot.listeners.clone(),
+            conns,
+        ));
+    }
+}
