@@ -35,6 +35,7 @@ pub struct Cluster {
     bin: PathBuf,
     services: Vec<ServiceSpec>,
     pids: BTreeMap<String, u32>,
+    keep: bool,
 }
 
 impl Cluster {
@@ -46,6 +47,7 @@ impl Cluster {
             bin: bin.to_owned(),
             services: services.to_vec(),
             pids: BTreeMap::new(),
+            keep: false,
         };
         let nodes: Vec<String> = cluster.node_names();
         for node in &nodes {
@@ -213,8 +215,20 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Leaves the lab and its nodes running after this handle is gone;
+    /// `baton lab down` removes them.
+    pub fn keep(mut self) {
+        self.keep = true;
+        self.lab.keep_running();
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
         let nodes: Vec<String> = self.pids.keys().cloned().collect();
         for node in nodes {
             let _ = self.stop_node(&node);

@@ -220,6 +220,7 @@ pub fn down(name: &str) -> Result<(), LabError> {
     for ns in namespaces.iter().filter(|ns| !ns.ends_with("-sw")) {
         kill_all_in(ns);
     }
+    let _ = std::fs::remove_dir_all(state_root(name));
     let mut first_error = None;
     for ns in &namespaces {
         if let Err(e) = ip(&["netns", "delete", ns]) {
@@ -229,6 +230,11 @@ pub fn down(name: &str) -> Result<(), LabError> {
         }
     }
     first_error.map_or(Ok(()), Err)
+}
+
+/// Where the hosts of lab `name` keep files (sockets, logs, configs).
+fn state_root(name: &str) -> PathBuf {
+    std::env::temp_dir().join("baton-lab").join(name)
 }
 
 /// SIGKILLs every process whose network namespace is `ns`, except this one.
@@ -374,7 +380,18 @@ impl Lab {
 
     /// Leaves the lab in place when this handle is dropped.
     pub fn keep(mut self) {
+        self.keep_running();
+    }
+
+    /// Leaves the lab, and the processes started in it, running when this
+    /// handle is dropped.
+    pub fn keep_running(&mut self) {
         self.keep = true;
+        // Forget the children: they go on, `baton lab down` ends them.
+        self.children
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     pub fn name(&self) -> &str {
@@ -566,17 +583,13 @@ impl Lab {
     /// the machine's filesystem, so every node needs its own.
     pub fn state_dir(&self, host: &str) -> Result<PathBuf, LabError> {
         let host = self.host(host)?;
-        Ok(std::env::temp_dir()
-            .join("baton-lab")
-            .join(&self.name)
-            .join(&host.name))
+        Ok(state_root(&self.name).join(&host.name))
     }
 
     /// Removes the lab now and reports errors (drop does the same silently).
     pub fn remove(mut self) -> Result<(), LabError> {
         self.keep = true;
         self.kill_children();
-        let _ = std::fs::remove_dir_all(std::env::temp_dir().join("baton-lab").join(&self.name));
         down(&self.name)
     }
 
@@ -598,7 +611,6 @@ impl Drop for Lab {
             return;
         }
         self.kill_children();
-        let _ = std::fs::remove_dir_all(std::env::temp_dir().join("baton-lab").join(&self.name));
         if let Err(e) = down(&self.name) {
             tracing::warn!(lab = %self.name, error = %e, "removing the lab failed");
         }

@@ -5,6 +5,8 @@
 //! interface = "eth0"              # the cluster interface (VIPs go there)
 //! state_dir = "/run/baton/node1"  # control socket; one per node
 //! # vrid = 51                     # optional: VIPs ride the VRRP virtual MAC
+//! # announce_count = 5            # gratuitous ARPs / NAs after taking a VIP
+//! # announce_interval_ms = 10     # spacing between them (first one at once)
 //!
 //! [peers]                         # every node, this one included
 //! node1 = "198.18.1.1:7700"
@@ -41,6 +43,8 @@ pub struct NodeConfig {
     pub interface: String,
     pub state_dir: PathBuf,
     pub vrid: Option<u8>,
+    /// Gratuitous ARP / unsolicited NA burst after taking a VIP.
+    pub announce: baton_net::vip::Announce,
     pub peers: BTreeMap<String, SocketAddr>,
     pub services: Vec<ServiceConfig>,
 }
@@ -61,6 +65,8 @@ struct RawConfig {
     interface: String,
     state_dir: PathBuf,
     vrid: Option<u8>,
+    announce_count: Option<u32>,
+    announce_interval_ms: Option<u64>,
     peers: BTreeMap<String, String>,
     #[serde(default)]
     services: Vec<RawService>,
@@ -132,6 +138,19 @@ impl NodeConfig {
         if raw.vrid == Some(0) {
             return Err(err("vrid", "VRRP router ids are 1 to 255".into()));
         }
+        let mut announce = baton_net::vip::Announce::default();
+        if let Some(count) = raw.announce_count {
+            if !(1..=100).contains(&count) {
+                return Err(err("announce_count", "expected 1 to 100".into()));
+            }
+            announce.count = count;
+        }
+        if let Some(ms) = raw.announce_interval_ms {
+            if ms > 10_000 {
+                return Err(err("announce_interval_ms", "expected at most 10000".into()));
+            }
+            announce.interval = std::time::Duration::from_millis(ms);
+        }
         let mut services: Vec<ServiceConfig> = Vec::new();
         for (i, s) in raw.services.into_iter().enumerate() {
             let key = |field: &str| format!("services[{i}].{field}");
@@ -198,6 +217,7 @@ impl NodeConfig {
             interface: raw.interface,
             state_dir: raw.state_dir,
             vrid: raw.vrid,
+            announce,
             peers,
             services,
         })

@@ -86,6 +86,7 @@ pub async fn run(cfg: NodeConfig, registry: Registry) -> Result<(), NodeError> {
     }
     let mut moves = MoveConfig::new(cfg.interface.clone());
     moves.vrid = cfg.vrid;
+    moves.announce = cfg.announce;
     moves.local_addr = Some(cfg.own_addr().ip());
     let node = Arc::new(Node {
         cfg: cfg.clone(),

@@ -488,6 +488,14 @@ async fn conn_task(
         if state.pending.is_empty() {
             if state.close_after {
                 let _ = stream.shutdown().await;
+                if !state.peer_done {
+                    // The service closed it: its log still records the end,
+                    // so the service can forget the connection.
+                    let _ = captured.send(Captured::Event(Event::Closed {
+                        conn: id,
+                        reason: CloseReason::Reset,
+                    }));
+                }
                 let _ = captured.send(Captured::Gone(id));
                 return None;
             }

@@ -58,6 +58,17 @@ fn move_config() -> MoveConfig {
 
 /// One agent per node; node1 holds the VIP at first.
 fn start_agents(lab: &Lab, nodes: usize, vip: &Vip, ledger: &Arc<Ledger>) -> Vec<MoveAgent> {
+    start_agents_with(lab, nodes, vip, ledger, None)
+}
+
+/// Agents whose VIP rides the virtual MAC of VRRP router id `vrid`, if any.
+fn start_agents_with(
+    lab: &Lab,
+    nodes: usize,
+    vip: &Vip,
+    ledger: &Arc<Ledger>,
+    vrid: Option<u8>,
+) -> Vec<MoveAgent> {
     (1..=nodes)
         .map(|i| {
             let host = lab.host(&format!("node{i}")).unwrap();
@@ -67,7 +78,10 @@ fn start_agents(lab: &Lab, nodes: usize, vip: &Vip, ledger: &Arc<Ledger>) -> Vec
                     node_addr: host.addr(vip.addr.is_ipv6()),
                     move_port: MOVE_PORT,
                     service_port: SERVICE_PORT,
-                    moves: move_config(),
+                    moves: MoveConfig {
+                        vrid,
+                        ..move_config()
+                    },
                     initial_vip: (i == 1).then(|| vip.clone()),
                 },
                 ledger.clone(),
@@ -169,11 +183,16 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-fn stream_moving_around(v6: bool, total: u64) {
+fn stream_moving_around(v6: bool, total: u64, vrid: Option<u8>) {
     let lab = Lab::create(&Lab::unique_name("ms"), 3, 1).unwrap();
-    let vip = vip(v6);
+    let mut vip = vip(v6);
+    if vrid.is_some() {
+        // On its own interface the VIP is a host address, as keepalived
+        // users configure it: no second route to the segment.
+        vip.prefix_len = if v6 { 128 } else { 32 };
+    }
     let ledger = Arc::new(Ledger::default());
-    let agents = start_agents(&lab, 3, &vip, &ledger);
+    let agents = start_agents_with(&lab, 3, &vip, &ledger, vrid);
     let before = lab.tcp_counters("client1").unwrap();
     let progress = Arc::new(AtomicU64::new(0));
     let client = echo_stream(&lab, "client1", &vip, total, 1, None, progress.clone());
@@ -210,12 +229,17 @@ fn stream_moving_around(v6: bool, total: u64) {
 
 #[test]
 fn a_full_speed_stream_follows_its_server_around_three_nodes() {
-    stream_moving_around(false, 200 << 20);
+    stream_moving_around(false, 200 << 20, None);
 }
 
 #[test]
 fn ipv6_stream_follows_its_server() {
-    stream_moving_around(true, 64 << 20);
+    stream_moving_around(true, 64 << 20, None);
+}
+
+#[test]
+fn a_vip_on_a_virtual_mac_moves_with_its_stream() {
+    stream_moving_around(false, 64 << 20, Some(51));
 }
 
 #[test]

@@ -32,6 +32,10 @@ pub struct DemoArgs {
     /// Print one JSON line: {"moves","ops","client_errors","max_pause_ms"}.
     #[arg(long)]
     json: bool,
+    /// Leave the lab and its three nodes running afterwards, to try
+    /// `baton ctl` and redis-cli by hand (`baton lab down --name demo` ends it).
+    #[arg(long)]
+    keep: bool,
 }
 
 #[derive(Serialize)]
@@ -146,7 +150,12 @@ pub fn run(args: DemoArgs) -> Result<i32> {
         client_errors: bench_errors + probe.errors,
         max_pause_ms: probe.max_pause.as_secs_f64() * 1e3,
     };
-    drop(cluster);
+    let config = cluster.config_path("node1")?;
+    if args.keep {
+        cluster.keep();
+    } else {
+        drop(cluster);
+    }
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -164,7 +173,16 @@ pub fn run(args: DemoArgs) -> Result<i32> {
                 "MISMATCH"
             }
         );
-        println!("lab removed");
+        if args.keep {
+            let lab = &args.name;
+            println!("\nthe lab and its nodes keep running; try:");
+            println!("  baton ctl --config {} status", config.display());
+            println!("  baton ctl --config {} move kv --to node2", config.display());
+            println!("  baton lab exec --name {lab} client1 -- redis-cli -h {vip} INCR hits");
+            println!("  baton lab down --name {lab}");
+        } else {
+            println!("lab removed");
+        }
     }
     Ok(
         if report.client_errors == 0 && move_errors == 0 && probe.final_value == probe.ops {

@@ -5,6 +5,7 @@ mod demo;
 mod lab;
 mod node;
 mod services;
+mod standalone;
 
 use clap::{Parser, Subcommand};
 
@@ -29,6 +30,10 @@ enum Commands {
     Node(node::NodeArgs),
     /// Talks to the local node: status, move.
     Ctl(node::CtlArgs),
+    /// Runs a built-in service as a plain TCP server, without the baton
+    /// runtime (the benchmarks' baseline).
+    #[command(hide = true)]
+    ServeStandalone(standalone::StandaloneArgs),
 }
 
 fn main() {
@@ -53,6 +58,7 @@ fn main() {
         Commands::Bench(args) => bench::run(args),
         Commands::Node(args) => node::run_node(args),
         Commands::Ctl(args) => node::run_ctl(args),
+        Commands::ServeStandalone(args) => standalone::run(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

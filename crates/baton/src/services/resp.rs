@@ -120,7 +120,9 @@ impl TryFrom<RawParser> for Parser {
             return Err("parser position beyond its buffer".into());
         }
         if let Some(mb) = &raw.multibulk {
-            if mb.args.len().saturating_add(mb.remaining) > MAX_ARRAY_LEN
+            let total = mb.args.len().saturating_add(mb.remaining);
+            if total == 0
+                || total > MAX_ARRAY_LEN
                 || mb.bulk_len.is_some_and(|n| n > MAX_BULK_LEN)
                 || mb.args.iter().any(|a| a.len() > MAX_BULK_LEN)
             {
@@ -153,6 +155,7 @@ impl Parser {
 
     /// Bytes received but not yet part of a returned command (including a
     /// partially read multibulk command's arguments).
+    #[cfg(test)]
     pub fn buffered(&self) -> usize {
         let args: usize = self
             .multibulk
@@ -163,11 +166,13 @@ impl Parser {
     }
 
     /// True when no partial command is pending.
+    #[cfg(test)]
     pub fn is_idle(&self) -> bool {
         self.buf.len() == self.pos && self.multibulk.is_none()
     }
 
     /// The error found in the input, if any.
+    #[cfg(test)]
     pub fn error(&self) -> Option<&ProtocolError> {
         self.failed.as_ref()
     }
@@ -197,6 +202,7 @@ impl Parser {
 
     /// Feeds `data` and returns every command now complete, and the
     /// protocol error that ended the input, if one did.
+    #[cfg(test)]
     pub fn parse_all(&mut self, data: &[u8]) -> (Vec<Command>, Option<ProtocolError>) {
         self.feed(data);
         let mut cmds = Vec::new();
@@ -477,6 +483,7 @@ fn hex(b: u8) -> u8 {
 
 /// A RESP2 reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg(test)]
 pub enum Reply {
     /// `+OK`
     Simple(Vec<u8>),
@@ -494,6 +501,7 @@ pub enum Reply {
     NullArray,
 }
 
+#[cfg(test)]
 impl Reply {
     pub fn simple(s: &str) -> Reply {
         Reply::Simple(s.as_bytes().to_vec())
@@ -577,6 +585,7 @@ pub fn write_null_array(out: &mut Vec<u8>) {
 }
 
 /// Encodes a command as a multibulk request, as clients send it.
+#[cfg(test)]
 pub fn encode_command<A: AsRef<[u8]>>(args: &[A]) -> Vec<u8> {
     let mut out = Vec::new();
     write_array_header(&mut out, args.len());

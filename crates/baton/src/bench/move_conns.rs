@@ -1,4 +1,6 @@
-//! `baton bench`: measurements in the lab, printed as JSON.
+//! `baton bench move-conns`: live connections moved between three lab
+//! nodes by the move agents, with request/response clients timing every
+//! exchange.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,76 +13,43 @@ use baton_lab::Lab;
 use baton_node::echo_host::Ledger;
 use baton_node::move_agent::{AgentConfig, MoveAgent};
 use baton_node::relocation::MoveConfig;
-use clap::{Args, Subcommand};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-#[derive(Args)]
-pub struct BenchArgs {
-    #[command(subcommand)]
-    command: BenchCommand,
-}
+use super::stats::{ms, percentile};
 
-#[derive(Subcommand)]
-enum BenchCommand {
-    /// Clients do request/response through a VIP while all connections
-    /// move between three lab nodes. With --json prints one line:
-    /// {"connections","moves","freeze_ms_p50","freeze_ms_max",
-    /// "client_stall_ms_p50","client_stall_ms_p99","client_stall_ms_max",
-    /// "bytes_verified","resets","errors"}. freeze: from installing the hold
-    /// on the source to the target's Done (the VIP's traffic is held that
-    /// long). client stall: for each request outstanding across a move, the
-    /// time until its reply.
-    MoveConns {
-        #[arg(long, default_value_t = 1000)]
-        connections: usize,
-        #[arg(long, default_value_t = 10)]
-        moves: usize,
-        /// Request size in bytes.
-        #[arg(long, default_value_t = 64)]
-        request_bytes: usize,
-        /// Use an IPv6 VIP.
-        #[arg(long)]
-        ipv6: bool,
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-pub fn run(args: BenchArgs) -> Result<i32> {
-    match args.command {
-        BenchCommand::MoveConns {
-            connections,
-            moves,
-            request_bytes,
-            ipv6,
-            json,
-        } => {
-            let result = move_conns(connections, moves, request_bytes.max(1), ipv6)?;
-            if json {
-                println!("{}", serde_json::to_string(&result)?);
-            } else {
-                println!(
-                    "{} connections, {} moves: freeze p50 {:.1} ms, max {:.1} ms; client stall p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {} bytes verified, {} resets, {} errors",
-                    result.connections,
-                    result.moves,
-                    result.freeze_ms_p50,
-                    result.freeze_ms_max,
-                    result.client_stall_ms_p50,
-                    result.client_stall_ms_p99,
-                    result.client_stall_ms_max,
-                    result.bytes_verified,
-                    result.resets,
-                    result.errors
-                );
-            }
-            Ok(if result.errors == 0 && result.resets == 0 {
-                0
-            } else {
-                1
-            })
-        }
+/// `baton bench move-conns`: prints the result; exit status 1 if any
+/// client saw an error or a reset.
+pub fn run(
+    connections: usize,
+    moves: usize,
+    request_bytes: usize,
+    ipv6: bool,
+    json: bool,
+) -> Result<i32> {
+    let result = move_conns(connections, moves, request_bytes.max(1), ipv6)?;
+    if json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        println!(
+            "{} connections, {} moves: freeze p50 {:.1} ms, max {:.1} ms; client stall p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {} bytes verified, {} resets, {} errors",
+            result.connections,
+            result.moves,
+            result.freeze_ms_p50,
+            result.freeze_ms_max,
+            result.client_stall_ms_p50,
+            result.client_stall_ms_p99,
+            result.client_stall_ms_max,
+            result.bytes_verified,
+            result.resets,
+            result.errors
+        );
     }
+    Ok(if result.errors == 0 && result.resets == 0 {
+        0
+    } else {
+        1
+    })
 }
 
 #[derive(Serialize)]
@@ -104,18 +73,6 @@ struct ClientTotals {
     exchanges: Vec<Exchange>,
     bytes_verified: u64,
     errors: u64,
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 fn move_conns(

@@ -1,0 +1,161 @@
+//! `baton bench`: measurements in the lab, printed as JSON lines.
+
+mod move_conns;
+mod overhead;
+mod progress;
+mod relocate;
+mod report;
+mod stats;
+mod systems;
+mod workload;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+
+const KEYS_HELP: &str = "\
+JSON lines (--json):
+  move-conns: {\"connections\",\"moves\",\"freeze_ms_p50\",\"freeze_ms_max\",
+    \"client_stall_ms_p50\",\"client_stall_ms_p99\",\"client_stall_ms_max\",
+    \"bytes_verified\",\"resets\",\"errors\"}
+  relocate: one line per system (baton, keepalived) and pipeline depth,
+    medians over the repeats: {\"bench\":\"relocate\",\"system\",\"pipeline\",
+    \"connections\",\"duration_s\",\"repeats\",\"client_errors\",\"resets\",
+    \"reconnects\",\"keys_written\",\"keys_lost\",\"get_misses\",
+    \"wrong_replies\",\"switch_ms\",\"vip_moved_ms\",
+    \"first_reply_after_switch_ms_p50\",\"first_reply_after_switch_ms_p99\",
+    \"first_reply_after_switch_ms_max\",\"connections_not_recovered\",
+    \"ops_per_s_before\",\"ops_per_s_during\",\"ops_per_s_after\",
+    \"latency_ms_p50\",\"latency_ms_p99\"}
+  overhead: one line per pipeline depth: {\"bench\":\"overhead\",\"pipeline\",
+    \"connections\",\"duration_s\",\"repeats\",\"plain_ops_per_s\",
+    \"baton_ops_per_s\",\"ops_ratio\",\"plain_latency_ms_p50\",
+    \"plain_latency_ms_p99\",\"baton_latency_ms_p50\",\"baton_latency_ms_p99\",
+    \"latency_p50_ratio\",\"latency_p99_ratio\",\"plain_client_errors\",
+    \"baton_client_errors\"}   (ratios: baton / plain)
+
+Windows of a relocate run of D seconds: warm-up [0, 0.1D) not counted,
+before [0.1D, 0.4D), switch at 0.4D, during [0.4D, 0.4D + min(2 s, 0.2D)),
+after to D. Latencies p50/p99: requests completed in `before` (relocate) or
+after the warm-up (overhead). first_reply_after_switch: per connection,
+from the switch command to its first successful reply completed once node2
+holds the VIP. keys_lost: acknowledged keys the final read-back cannot read.
+resets: client1's kernel counters (RSTs sent, established connections
+reset, aborts). client_errors: broken connections, failed connects, error
+replies. Times in ms, rates per second.";
+
+#[derive(Args)]
+#[command(after_help = KEYS_HELP)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
+/// Sizes of the relocate and overhead benchmarks.
+#[derive(Args)]
+struct SizeArgs {
+    /// Client connections [default: 50; --quick: 4].
+    #[arg(long)]
+    connections: Option<usize>,
+    /// Seconds per run [default: 10; --quick: 3].
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Pipeline depths to run, comma-separated [default: 1,8; --quick: 1].
+    #[arg(long, value_delimiter = ',')]
+    pipeline: Vec<usize>,
+    /// Runs of each system and depth; the order of the systems alternates,
+    /// the figures are medians.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
+    /// Bytes of each value the clients SET.
+    #[arg(long, default_value_t = 32)]
+    value_bytes: usize,
+    /// A tiny workload (for tests): 4 connections, 3 s, pipeline 1.
+    #[arg(long)]
+    quick: bool,
+    /// Print one JSON line per scenario (keys: `baton bench --help`).
+    #[arg(long)]
+    json: bool,
+    /// Also write a Markdown report and PNG plots to this directory.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+impl SizeArgs {
+    fn sizes(&self) -> Result<relocate::Sizes> {
+        let sizes = relocate::Sizes {
+            connections: self
+                .connections
+                .unwrap_or(if self.quick { 4 } else { 50 }),
+            duration: Duration::from_secs_f64(
+                self.duration
+                    .unwrap_or(if self.quick { 3.0 } else { 10.0 })
+                    .clamp(0.0, 86_400.0),
+            ),
+            pipelines: if !self.pipeline.is_empty() {
+                self.pipeline.clone()
+            } else if self.quick {
+                vec![1]
+            } else {
+                vec![1, 8]
+            },
+            repeat: self.repeat,
+            value_bytes: self.value_bytes.max(1),
+        };
+        relocate::check(&sizes)?;
+        Ok(sizes)
+    }
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Clients do request/response through a VIP while all connections
+    /// move between three lab nodes. With --json prints one line:
+    /// {"connections","moves","freeze_ms_p50","freeze_ms_max",
+    /// "client_stall_ms_p50","client_stall_ms_p99","client_stall_ms_max",
+    /// "bytes_verified","resets","errors"}. freeze: from installing the hold
+    /// on the source to the target's Done (the VIP's traffic is held that
+    /// long). client stall: for each request outstanding across a move, the
+    /// time until its reply.
+    MoveConns {
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+        #[arg(long, default_value_t = 10)]
+        moves: usize,
+        /// Request size in bytes.
+        #[arg(long, default_value_t = 64)]
+        request_bytes: usize,
+        /// Use an IPv6 VIP.
+        #[arg(long)]
+        ipv6: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The kv service moved node1 -> node2 under a client workload, by
+    /// baton (`baton ctl move`) and by keepalived (the same service code
+    /// as a plain server on both nodes, the master's keepalived stopped for
+    /// maintenance), side by side in one lab. Errors, resets, reconnects,
+    /// keys lost, time to the first reply after the switch, ops/s before,
+    /// during and after, steady-state latency. Keys: `baton bench --help`.
+    Relocate(SizeArgs),
+    /// The steady-state cost of the baton runtime: the same workload
+    /// against the kv code as a plain server and under `baton node` on one
+    /// node: ops/s, latency p50/p99 and their ratios.
+    Overhead(SizeArgs),
+}
+
+pub fn run(args: BenchArgs) -> Result<i32> {
+    match args.command {
+        BenchCommand::MoveConns {
+            connections,
+            moves,
+            request_bytes,
+            ipv6,
+            json,
+        } => move_conns::run(connections, moves, request_bytes, ipv6, json),
+        BenchCommand::Relocate(a) => relocate::run(a.sizes()?, a.json, a.out),
+        BenchCommand::Overhead(a) => overhead::run(a.sizes()?, a.json, a.out),
+    }
+}

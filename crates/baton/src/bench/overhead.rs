@@ -1,0 +1,185 @@
+//! `baton bench overhead`: the steady-state cost of the baton runtime. The
+//! same workload as `relocate`, without any move, against the kv service
+//! code as a plain tokio server and under `baton node`, each alone on
+//! node1 of a one-node lab. Counted: the requests completed after the
+//! first tenth of the run (warm-up).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use baton_lab::Lab;
+use serde_json::{json, Value};
+
+use super::progress::Progress;
+use super::relocate::{latencies, measure, ops_per_s, Sizes};
+use super::stats::{median, percentile, round3};
+use super::systems::{Deployment, System};
+use super::workload::WorkloadConfig;
+
+/// One run's figures.
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub system: System,
+    pub pipeline: usize,
+    pub ops_per_s: f64,
+    pub p50: f64,
+    pub p99: f64,
+    pub errors: u64,
+    pub latencies: Vec<f64>,
+}
+
+/// Keys of an overhead JSON line.
+pub const KEYS: &[&str] = &[
+    "bench",
+    "pipeline",
+    "connections",
+    "duration_s",
+    "repeats",
+    "plain_ops_per_s",
+    "baton_ops_per_s",
+    "ops_ratio",
+    "plain_latency_ms_p50",
+    "plain_latency_ms_p99",
+    "baton_latency_ms_p50",
+    "baton_latency_ms_p99",
+    "latency_p50_ratio",
+    "latency_p99_ratio",
+    "plain_client_errors",
+    "baton_client_errors",
+];
+
+fn one(lab: &Lab, bin: &Path, system: System, pipeline: usize, sizes: &Sizes) -> Result<Run> {
+    let cfg = |d: &Deployment| WorkloadConfig {
+        target: d.target(),
+        connections: sizes.connections,
+        pipeline,
+        value_bytes: sizes.value_bytes,
+        request_timeout: Duration::from_secs(5),
+    };
+    let data = measure(lab, bin, system, cfg, sizes.duration, None)?;
+    let warm = sizes.duration.mul_f64(0.1);
+    let lat = latencies(&data.conns, warm, sizes.duration);
+    Ok(Run {
+        system,
+        pipeline,
+        ops_per_s: ops_per_s(&data.conns, warm, sizes.duration),
+        p50: percentile(&lat, 50.0),
+        p99: percentile(&lat, 99.0),
+        errors: data.conns.iter().map(|c| c.errors).sum(),
+        latencies: lat,
+    })
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        round3(a / b)
+    } else {
+        0.0
+    }
+}
+
+/// Runs the benchmark and prints one line per pipeline depth.
+pub fn run(sizes: Sizes, json_out: bool, out: Option<PathBuf>) -> Result<i32> {
+    let bin = std::env::current_exe().context("locating the baton binary")?;
+    let lab = Lab::create(&Lab::unique_name("bov"), 1, 1)?;
+    let systems = [System::Plain, System::Baton];
+    let progress = Progress::new(
+        (sizes.repeat * sizes.pipelines.len() * systems.len()) as u64,
+        sizes.duration,
+    );
+    let mut runs = Vec::new();
+    for repeat in 0..sizes.repeat {
+        let order: Vec<System> = if repeat % 2 == 0 {
+            systems.to_vec()
+        } else {
+            systems.iter().rev().copied().collect()
+        };
+        for &pipeline in &sizes.pipelines {
+            for &system in &order {
+                progress.start(format!(
+                    "overhead: {} pipeline {pipeline}, repeat {}/{}",
+                    system.name(),
+                    repeat + 1,
+                    sizes.repeat
+                ));
+                runs.push(
+                    one(&lab, &bin, system, pipeline, &sizes)
+                        .with_context(|| format!("{} (pipeline {pipeline})", system.name()))?,
+                );
+                progress.done();
+            }
+        }
+    }
+    progress.finish();
+    drop(lab);
+
+    let mut grouped: BTreeMap<(usize, System), Vec<&Run>> = BTreeMap::new();
+    for r in &runs {
+        grouped.entry((r.pipeline, r.system)).or_default().push(r);
+    }
+    let med = |p: usize, s: System, f: fn(&Run) -> f64| -> f64 {
+        let xs: Vec<f64> = grouped
+            .get(&(p, s))
+            .map(|v| v.iter().map(|r| f(r)).collect())
+            .unwrap_or_default();
+        median(&xs)
+    };
+    let mut lines = Vec::new();
+    for &p in &sizes.pipelines {
+        let (plain, baton) = (System::Plain, System::Baton);
+        let plain_ops = med(p, plain, |r| r.ops_per_s);
+        let baton_ops = med(p, baton, |r| r.ops_per_s);
+        let (pl50, pl99) = (med(p, plain, |r| r.p50), med(p, plain, |r| r.p99));
+        let (ba50, ba99) = (med(p, baton, |r| r.p50), med(p, baton, |r| r.p99));
+        lines.push(json!({
+            "bench": "overhead",
+            "pipeline": p,
+            "connections": sizes.connections,
+            "duration_s": sizes.duration.as_secs_f64(),
+            "repeats": sizes.repeat,
+            "plain_ops_per_s": round3(plain_ops),
+            "baton_ops_per_s": round3(baton_ops),
+            "ops_ratio": ratio(baton_ops, plain_ops),
+            "plain_latency_ms_p50": round3(pl50),
+            "plain_latency_ms_p99": round3(pl99),
+            "baton_latency_ms_p50": round3(ba50),
+            "baton_latency_ms_p99": round3(ba99),
+            "latency_p50_ratio": ratio(ba50, pl50),
+            "latency_p99_ratio": ratio(ba99, pl99),
+            "plain_client_errors": med(p, plain, |r| r.errors as f64),
+            "baton_client_errors": med(p, baton, |r| r.errors as f64),
+        }));
+    }
+    if json_out {
+        for l in &lines {
+            println!("{l}");
+        }
+    } else {
+        print_table(&lines);
+    }
+    if let Some(dir) = out {
+        super::report::overhead(&dir, &sizes, &lines, &runs)
+            .with_context(|| format!("writing the report to {}", dir.display()))?;
+        if !json_out {
+            println!("report: {}", dir.join("overhead.md").display());
+        }
+    }
+    Ok(0)
+}
+
+fn print_table(lines: &[Value]) {
+    print!("{:<24}", "metric (median)");
+    for l in lines {
+        print!("{:>16}", format!("pipeline {}", l["pipeline"]));
+    }
+    println!();
+    for key in &KEYS[5..] {
+        print!("{key:<24}");
+        for l in lines {
+            print!("{:>16.3}", l[*key].as_f64().unwrap_or(0.0));
+        }
+        println!();
+    }
+}
