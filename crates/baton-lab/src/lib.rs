@@ -20,7 +20,6 @@
 //! `198.18.1.12` and `fd00:198:18::1:12`).
 
 pub mod cluster;
-mod counters;
 mod host;
 mod shell;
 
@@ -33,7 +32,7 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
-pub use counters::TcpCounters;
+pub use baton_net::counters::TcpCounters;
 pub use host::{Host, Role};
 use shell::{ip, ip_json};
 

@@ -93,27 +93,7 @@ const RESET_COUNTERS: &[&str] = &[
 
 impl Counters {
     fn read() -> Self {
-        let mut map = HashMap::new();
-        for file in [
-            "/proc/thread-self/net/snmp",
-            "/proc/thread-self/net/netstat",
-        ] {
-            let text = std::fs::read_to_string(file).expect(file);
-            let lines: Vec<&str> = text.lines().collect();
-            for pair in lines.chunks(2) {
-                let [names, values] = pair else { continue };
-                let mut names = names.split_whitespace();
-                let mut values = values.split_whitespace();
-                let (Some(prefix), Some(_)) = (names.next(), values.next()) else {
-                    continue;
-                };
-                for (n, v) in names.zip(values) {
-                    if let Ok(v) = v.parse::<i64>() {
-                        map.insert(format!("{prefix}{n}"), v.max(0) as u64);
-                    }
-                }
-            }
-        }
+        let map = baton_net::counters::snapshot().expect("reading /proc/thread-self/net");
         for name in RESET_COUNTERS.iter().chain(&["Tcp:EstabResets"]) {
             assert!(map.contains_key(*name), "counter {name} missing");
         }

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 /// Reset and abort counters of one network namespace
 /// (`/proc/net/netstat`, `/proc/net/snmp`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TcpCounters {
     /// `Tcp: OutRsts`: resets this stack sent.
     pub out_rsts: u64,
@@ -12,23 +12,35 @@ pub struct TcpCounters {
     pub estab_resets: u64,
     /// `Tcp: AttemptFails`: connects that failed (refused, reset).
     pub attempt_fails: u64,
-    /// Sum of `TcpExt: TCPAbortOn*`: connections aborted.
+    /// Sum of `TcpExt: TCPAbortOn*` and `TCPAbortFailed`: connections aborted.
     pub aborts: u64,
+}
+
+/// Every counter of `/proc/net/snmp` and `/proc/net/netstat` of the calling
+/// thread's network namespace, as `Prefix:Name` (`Tcp:OutRsts`). The
+/// thread's, not the process's: `/proc/net` follows the main thread.
+pub fn snapshot() -> std::io::Result<HashMap<String, u64>> {
+    let mut all = parse(&std::fs::read_to_string("/proc/thread-self/net/snmp")?);
+    all.extend(parse(&std::fs::read_to_string(
+        "/proc/thread-self/net/netstat",
+    )?));
+    Ok(all)
 }
 
 impl TcpCounters {
     /// Reads the counters of the calling thread's network namespace.
     pub fn read_current() -> std::io::Result<TcpCounters> {
-        let snmp = parse(&std::fs::read_to_string("/proc/thread-self/net/snmp")?);
-        let netstat = parse(&std::fs::read_to_string("/proc/thread-self/net/netstat")?);
-        let get = |table: &HashMap<String, u64>, key: &str| table.get(key).copied().unwrap_or(0);
+        let all = snapshot()?;
+        let get = |key: &str| all.get(key).copied().unwrap_or(0);
         Ok(TcpCounters {
-            out_rsts: get(&snmp, "Tcp:OutRsts"),
-            estab_resets: get(&snmp, "Tcp:EstabResets"),
-            attempt_fails: get(&snmp, "Tcp:AttemptFails"),
-            aborts: netstat
+            out_rsts: get("Tcp:OutRsts"),
+            estab_resets: get("Tcp:EstabResets"),
+            attempt_fails: get("Tcp:AttemptFails"),
+            aborts: all
                 .iter()
-                .filter(|(k, _)| k.starts_with("TcpExt:TCPAbortOn"))
+                .filter(|(k, _)| {
+                    k.starts_with("TcpExt:TCPAbortOn") || *k == "TcpExt:TCPAbortFailed"
+                })
                 .map(|(_, v)| *v)
                 .sum(),
         })
