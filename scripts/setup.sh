@@ -3,7 +3,7 @@
 # Idempotent: a second run installs nothing. Needs root.
 set -euo pipefail
 
-packages=(iproute2 iptables iputils-ping redis-tools keepalived procps protobuf-compiler)
+packages=(iproute2 iptables iputils-ping redis-tools keepalived procps protobuf-compiler fonts-dejavu-core)
 
 if [ "$(id -u)" != 0 ]; then
   echo "setup: run as root (the lab creates network namespaces)" >&2

@@ -12,6 +12,8 @@
 //!                                           hold, re-inject held packets
 //!  ◄─────────────────────────────── Done ──
 //!  close frozen sockets silently
+//!  ── Late{packets} ─────────────────────►  re-inject what reached the
+//!                                           source after Commit
 //! ```
 //!
 //! Until the source sends `Commit` the move can be rolled back: the source
@@ -65,6 +67,14 @@ impl Vip {
     }
 }
 
+/// A host on the segment, as the source's neighbour table knows it: the
+/// target sends to the clients at once, without resolving them first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Neighbour {
+    pub ip: IpAddr,
+    pub mac: [u8; 6],
+}
+
 /// One connection handed over: its kernel state and the application's
 /// state for it (opaque here).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,6 +113,8 @@ pub enum MoveMessage {
         /// opaque here.
         service: Vec<u8>,
         connections: Vec<ConnHandoff>,
+        /// MACs of the connections' peers (or their gateways).
+        neighbours: Vec<Neighbour>,
     },
     /// Target → source: every connection is thawed, the hold is in place.
     Ready { move_id: u64, thawed: u32 },
@@ -116,6 +128,11 @@ pub enum MoveMessage {
     },
     /// Target → source: the target serves; the source may close its copies.
     Done { move_id: u64 },
+    /// Source → target, last: packets that still reached the source after
+    /// `Commit` (in flight while clients learned the new MAC). Pure ACKs
+    /// among them are never sent again by the client, so they are worth
+    /// forwarding.
+    Late { move_id: u64, packets: Vec<Vec<u8>> },
 }
 
 impl MoveMessage {
@@ -133,7 +150,8 @@ impl MoveMessage {
             | MoveMessage::Ready { move_id, .. }
             | MoveMessage::Refused { move_id, .. }
             | MoveMessage::Commit { move_id, .. }
-            | MoveMessage::Done { move_id } => *move_id,
+            | MoveMessage::Done { move_id }
+            | MoveMessage::Late { move_id, .. } => *move_id,
         }
     }
 
@@ -144,6 +162,7 @@ impl MoveMessage {
             MoveMessage::Refused { .. } => "Refused",
             MoveMessage::Commit { .. } => "Commit",
             MoveMessage::Done { .. } => "Done",
+            MoveMessage::Late { .. } => "Late",
         }
     }
 }
@@ -168,6 +187,8 @@ pub enum Phase {
     Committed,
     /// Done: the move is complete on both ends.
     Done,
+    /// The source forwarded its late packets: nothing more follows.
+    Finished,
     /// Refused or rolled back: the source still serves.
     Aborted,
 }
@@ -224,7 +245,7 @@ impl MoveSession {
 
     /// Marks the move as abandoned (rollback).
     pub fn abort(&mut self) {
-        if self.phase != Phase::Done && self.phase != Phase::Committed {
+        if !matches!(self.phase, Phase::Committed | Phase::Done | Phase::Finished) {
             self.phase = Phase::Aborted;
         }
     }
@@ -281,6 +302,7 @@ impl MoveSession {
             }
             (Phase::Ready, MoveMessage::Commit { .. }, true) => Phase::Committed,
             (Phase::Committed, MoveMessage::Done { .. }, false) => Phase::Done,
+            (Phase::Done, MoveMessage::Late { .. }, true) => Phase::Finished,
             _ => return Err(unexpected),
         };
         Ok(())
@@ -332,6 +354,10 @@ mod tests {
             connections: (0..n)
                 .map(|i| ConnHandoff::new(i, &sample_state(), vec![1, 2, 3]))
                 .collect(),
+            neighbours: vec![Neighbour {
+                ip: "198.18.2.1".parse().unwrap(),
+                mac: [2, 0, 0, 0, 0, 1],
+            }],
         }
     }
 
@@ -350,11 +376,15 @@ mod tests {
                 held_packets: vec![vec![0x45; 40]],
             },
             MoveMessage::Done { move_id: 9 },
+            MoveMessage::Late {
+                move_id: 9,
+                packets: vec![vec![0x45; 40]],
+            },
         ];
         for (i, m) in msgs.iter().enumerate() {
             let wire = MoveMessage::decode(&m.encode()).unwrap();
             assert_eq!(&wire, m);
-            if i % 2 == 0 {
+            if i % 2 == 0 || i == 4 {
                 src.on_send(m).unwrap();
                 dst.on_receive(&wire).unwrap();
             } else {
@@ -362,8 +392,8 @@ mod tests {
                 src.on_receive(&wire).unwrap();
             }
         }
-        assert_eq!(src.phase(), Phase::Done);
-        assert_eq!(dst.phase(), Phase::Done);
+        assert_eq!(src.phase(), Phase::Finished);
+        assert_eq!(dst.phase(), Phase::Finished);
     }
 
     #[test]
@@ -425,6 +455,7 @@ mod tests {
             },
             service: Vec::new(),
             connections,
+            neighbours: Vec::new(),
         };
         assert!(matches!(
             dst.on_receive(&dup),

@@ -933,3 +933,96 @@ pub mod blocking {
         run(super::sweep(vips))
     }
 }
+
+// ---------------------------------------------------------------------------
+// neighbours
+
+pub use baton_core::relocation::Neighbour;
+
+/// What this node knows of `ips` on interface `ifname`: their MACs, from
+/// its neighbour table (entries being resolved or failed are left out).
+/// The source of a move hands them over, so the target sends its first
+/// packets to the clients at once instead of queueing them behind ARP/ND
+/// (the kernel drops what overflows that queue, and clients then wait for
+/// a retransmission timer).
+pub async fn neighbours(ifname: &str, ips: &[IpAddr]) -> Result<Vec<Neighbour>, VipError> {
+    use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
+    let wanted: std::collections::HashSet<IpAddr> = ips.iter().copied().collect();
+    let nl = Nl::open()?;
+    let link = link_by_name(&nl.handle, ifname)
+        .await?
+        .ok_or_else(|| VipError::UnknownInterface(ifname.to_owned()))?;
+    let mut dump = nl.handle.neighbours().get().execute();
+    let mut found = Vec::new();
+    while let Some(msg) = dump
+        .try_next()
+        .await
+        .map_err(|e| nl_err("list neighbours", e))?
+    {
+        if msg.header.ifindex != link.index
+            || !matches!(
+                msg.header.state,
+                NeighbourState::Reachable
+                    | NeighbourState::Stale
+                    | NeighbourState::Delay
+                    | NeighbourState::Probe
+                    | NeighbourState::Permanent
+            )
+        {
+            continue;
+        }
+        let mut ip = None;
+        let mut mac = None;
+        for attr in &msg.attributes {
+            match attr {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
+                    ip = Some(IpAddr::V4(*a))
+                }
+                NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
+                    ip = Some(IpAddr::V6(*a))
+                }
+                NeighbourAttribute::LinkLocalAddress(l) => mac = <[u8; 6]>::try_from(&l[..]).ok(),
+                _ => {}
+            }
+        }
+        if let (Some(ip), Some(mac)) = (ip, mac) {
+            if wanted.contains(&ip) {
+                found.push(Neighbour { ip, mac });
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Adds `neighbours` to the neighbour table of `ifname` as STALE entries:
+/// used at once for sending, confirmed by the kernel in the background.
+/// Entries the table already has are left alone. Returns how many were
+/// added.
+pub async fn learn_neighbours(ifname: &str, neighbours: &[Neighbour]) -> Result<usize, VipError> {
+    use netlink_packet_route::neighbour::NeighbourState;
+    if neighbours.is_empty() {
+        return Ok(0);
+    }
+    let nl = Nl::open()?;
+    let link = link_by_name(&nl.handle, ifname)
+        .await?
+        .ok_or_else(|| VipError::UnknownInterface(ifname.to_owned()))?;
+    let mut added = 0;
+    for n in neighbours {
+        let result = nl
+            .handle
+            .neighbours()
+            .add(link.index, n.ip)
+            .link_local_address(&n.mac)
+            .state(NeighbourState::Stale)
+            .execute()
+            .await;
+        match result {
+            Ok(()) => added += 1,
+            // Already known here: the kernel's own entry is better.
+            Err(e) if nl_errno(&e) == Some(libc::EEXIST) => {}
+            Err(e) => return Err(nl_err("add a neighbour", e)),
+        }
+    }
+    Ok(added)
+}

@@ -287,11 +287,25 @@ where
         return Err(roll_back(cfg, vip, hold, service, frozen, unfrozen, error).await);
     }
 
+    // The peers' MACs (next hops are on the segment in this milestone).
+    let peers: Vec<IpAddr> = {
+        let mut p: Vec<IpAddr> = frozen.iter().map(|(_, s)| s.remote.ip()).collect();
+        p.sort_unstable();
+        p.dedup();
+        p
+    };
+    let neighbours = vip::neighbours(&cfg.interface, &peers)
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "reading the neighbour table");
+            Vec::new()
+        });
     let move_id = new_move_id();
     let mut session = MoveSession::new(Role::Source);
     let offer = MoveMessage::Offer {
         move_id,
         vip: vip.clone(),
+        neighbours,
         service: service.clone(),
         connections: frozen
             .iter()
@@ -364,17 +378,30 @@ where
     for (p, _) in frozen {
         close_silently(OwnedFd::from(p.stream));
     }
+    // Packets still in flight to us while the clients learned the new MAC.
+    let late = hold.take_dropped().unwrap_or_default();
+    let late_packets = late.len();
+    let late = MoveMessage::Late {
+        move_id,
+        packets: late,
+    };
+    if session.on_send(&late).is_ok() {
+        if let Err(e) = write_message(&mut control, &late).await {
+            tracing::warn!(error = %e, "forwarding late packets");
+        }
+    }
     // Removing the rules takes a few ms of iptables: not on the clients' time.
     std::thread::spawn(move || match hold.finish_dropped() {
-        Ok(late) if !late.is_empty() => {
+        Ok(dropped) if !dropped.is_empty() => {
             tracing::debug!(
-                packets = late.len(),
-                "dropped packets that reached the old owner late"
+                packets = dropped.len(),
+                "dropped packets that reached the old owner after the move"
             )
         }
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "ending the hold after a move"),
     });
+    tracing::debug!(late_packets, "forwarded late packets");
     Ok(MoveReport {
         connections,
         freeze,
@@ -468,6 +495,7 @@ pub async fn accept_move<T: Taker>(
         vip,
         service,
         connections,
+        neighbours,
     } = offer
     else {
         unreachable!("the session accepted an Offer");
@@ -487,6 +515,10 @@ pub async fn accept_move<T: Taker>(
         }
     };
 
+    // Clients reachable at once when the sockets go live, not after ARP/ND.
+    if let Err(e) = vip::learn_neighbours(&cfg.interface, &neighbours).await {
+        tracing::warn!(error = %e, "learning the clients' MACs from the source");
+    }
     match take_in(cfg, &mut control, &mut session, move_id, &vip, connections).await {
         Ok(taken_in) => {
             finish_take(
@@ -679,6 +711,21 @@ where
     if let Err(e) = write_message(control, &done).await {
         tracing::warn!(error = %e, "sending Done (the move itself is complete)");
     }
+    let mut late_packets = 0;
+    match read_message(control, cfg.step_timeout, "the source's late packets").await {
+        Ok(m) => match session.on_receive(&m) {
+            Ok(()) => {
+                if let MoveMessage::Late { packets, .. } = m {
+                    late_packets = hold::inject(&packets).unwrap_or_else(|e| {
+                        tracing::warn!(error = %e, "re-injecting late packets");
+                        0
+                    });
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "unexpected message after Done"),
+        },
+        Err(e) => tracing::debug!(error = %e, "no late packets from the source"),
+    }
     std::thread::spawn(move || {
         if let Err(e) = hold.release() {
             tracing::warn!(error = %e, "ending the hold after a move");
@@ -688,7 +735,7 @@ where
         connections,
         thaw_sockets,
         held_packets,
-        injected_packets,
+        injected_packets: injected_packets + late_packets,
     })
 }
 

@@ -177,7 +177,10 @@ pub fn run(args: DemoArgs) -> Result<i32> {
             let lab = &args.name;
             println!("\nthe lab and its nodes keep running; try:");
             println!("  baton ctl --config {} status", config.display());
-            println!("  baton ctl --config {} move kv --to node2", config.display());
+            println!(
+                "  baton ctl --config {} move kv --to node2",
+                config.display()
+            );
             println!("  baton lab exec --name {lab} client1 -- redis-cli -h {vip} INCR hits");
             println!("  baton lab down --name {lab}");
         } else {

@@ -38,7 +38,7 @@ pub struct StandaloneArgs {
 pub fn run(args: StandaloneArgs) -> Result<i32> {
     let service: Box<dyn Service> = match args.kind.as_str() {
         "kv" => Box::new(Kv::default()),
-        "echo" => Box::new(Echo::default()),
+        "echo" => Box::new(Echo),
         other => bail!("unknown kind {other:?}: use kv or echo"),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -50,7 +50,7 @@ pub fn run(args: StandaloneArgs) -> Result<i32> {
 }
 
 /// What a connection's task writes for the service.
-enum Write {
+enum ToSocket {
     Data(Vec<u8>),
     ShutdownWrite,
     Close,
@@ -58,7 +58,7 @@ enum Write {
 
 struct Server {
     service: Box<dyn Service>,
-    conns: HashMap<ConnId, mpsc::UnboundedSender<Write>>,
+    conns: HashMap<ConnId, mpsc::UnboundedSender<ToSocket>>,
     /// Generation of each pending timer: a timer task fires only if its
     /// generation is still the current one.
     timers: HashMap<TimerId, u64>,
@@ -120,13 +120,13 @@ async fn serve(service: Box<dyn Service>, listen: SocketAddr) -> Result<()> {
 /// Applies one event's outputs: what goes to `me` is returned (to be
 /// written by the caller at once), what goes to other connections is sent
 /// to their tasks, timers are armed.
-fn dispatch(shared: &Shared, me: ConnId, outputs: Vec<Output>) -> Vec<Write> {
+fn dispatch(shared: &Shared, me: ConnId, outputs: Vec<Output>) -> Vec<ToSocket> {
     let mut mine = Vec::new();
     for output in outputs {
         let (conn, write) = match output {
-            Output::Send { conn, bytes } => (conn, Write::Data(bytes)),
-            Output::Close { conn } => (conn, Write::Close),
-            Output::ShutdownWrite { conn } => (conn, Write::ShutdownWrite),
+            Output::Send { conn, bytes } => (conn, ToSocket::Data(bytes)),
+            Output::Close { conn } => (conn, ToSocket::Close),
+            Output::ShutdownWrite { conn } => (conn, ToSocket::ShutdownWrite),
             Output::SetTimer { id, at_ms } => {
                 arm_timer(shared, id, at_ms);
                 continue;
@@ -179,20 +179,20 @@ fn arm_timer(shared: &Shared, id: TimerId, at_ms: u64) {
 /// whether the connection is done.
 async fn write_all(
     stream: &mut TcpStream,
-    writes: Vec<Write>,
+    writes: Vec<ToSocket>,
     write_open: &mut bool,
 ) -> std::io::Result<bool> {
     for w in writes {
         match w {
-            Write::Data(bytes) if *write_open => stream.write_all(&bytes).await?,
-            Write::Data(_) => {}
-            Write::ShutdownWrite => {
+            ToSocket::Data(bytes) if *write_open => stream.write_all(&bytes).await?,
+            ToSocket::Data(_) => {}
+            ToSocket::ShutdownWrite => {
                 if *write_open {
                     stream.shutdown().await?;
                     *write_open = false;
                 }
             }
-            Write::Close => {
+            ToSocket::Close => {
                 if *write_open {
                     let _ = stream.shutdown().await;
                     *write_open = false;
@@ -218,7 +218,10 @@ async fn connection(shared: Shared, conn: ConnId, peer: SocketAddr, mut stream: 
     let mut buf = vec![0u8; 64 * 1024];
     let mut done = {
         let mine = dispatch(&shared, conn, opened);
-        !matches!(write_all(&mut stream, mine, &mut write_open).await, Ok(false))
+        !matches!(
+            write_all(&mut stream, mine, &mut write_open).await,
+            Ok(false)
+        )
     };
     while !done {
         tokio::select! {

@@ -22,7 +22,7 @@ JSON lines (--json):
     \"bytes_verified\",\"resets\",\"errors\"}
   relocate: one line per system (baton, keepalived) and pipeline depth,
     medians over the repeats: {\"bench\":\"relocate\",\"system\",\"pipeline\",
-    \"connections\",\"duration_s\",\"repeats\",\"client_errors\",\"resets\",
+    \"connections\",\"keys_per_connection\",\"duration_s\",\"repeats\",\"client_errors\",\"resets\",
     \"reconnects\",\"keys_written\",\"keys_lost\",\"get_misses\",
     \"wrong_replies\",\"switch_ms\",\"vip_moved_ms\",
     \"first_reply_after_switch_ms_p50\",\"first_reply_after_switch_ms_p99\",
@@ -30,7 +30,7 @@ JSON lines (--json):
     \"ops_per_s_before\",\"ops_per_s_during\",\"ops_per_s_after\",
     \"latency_ms_p50\",\"latency_ms_p99\"}
   overhead: one line per pipeline depth: {\"bench\":\"overhead\",\"pipeline\",
-    \"connections\",\"duration_s\",\"repeats\",\"plain_ops_per_s\",
+    \"connections\",\"keys_per_connection\",\"duration_s\",\"repeats\",\"plain_ops_per_s\",
     \"baton_ops_per_s\",\"ops_ratio\",\"plain_latency_ms_p50\",
     \"plain_latency_ms_p99\",\"baton_latency_ms_p50\",\"baton_latency_ms_p99\",
     \"latency_p50_ratio\",\"latency_p99_ratio\",\"plain_client_errors\",
@@ -41,7 +41,8 @@ before [0.1D, 0.4D), switch at 0.4D, during [0.4D, 0.4D + min(2 s, 0.2D)),
 after to D. Latencies p50/p99: requests completed in `before` (relocate) or
 after the warm-up (overhead). first_reply_after_switch: per connection,
 from the switch command to its first successful reply completed once node2
-holds the VIP. keys_lost: acknowledged keys the final read-back cannot read.
+holds the VIP. keys_lost: distinct acknowledged keys a read (GET during the
+run or the final read-back) found missing or older than acknowledged.
 resets: client1's kernel counters (RSTs sent, established connections
 reset, aborts). client_errors: broken connections, failed connects, error
 replies. Times in ms, rates per second.";
@@ -72,6 +73,10 @@ struct SizeArgs {
     /// Bytes of each value the clients SET.
     #[arg(long, default_value_t = 32)]
     value_bytes: usize,
+    /// Keys each connection writes round robin (the service's state is
+    /// connections x this many keys).
+    #[arg(long, default_value_t = 1000)]
+    keys_per_connection: u64,
     /// A tiny workload (for tests): 4 connections, 3 s, pipeline 1.
     #[arg(long)]
     quick: bool,
@@ -86,9 +91,7 @@ struct SizeArgs {
 impl SizeArgs {
     fn sizes(&self) -> Result<relocate::Sizes> {
         let sizes = relocate::Sizes {
-            connections: self
-                .connections
-                .unwrap_or(if self.quick { 4 } else { 50 }),
+            connections: self.connections.unwrap_or(if self.quick { 4 } else { 50 }),
             duration: Duration::from_secs_f64(
                 self.duration
                     .unwrap_or(if self.quick { 3.0 } else { 10.0 })
@@ -103,6 +106,7 @@ impl SizeArgs {
             },
             repeat: self.repeat,
             value_bytes: self.value_bytes.max(1),
+            keys_per_connection: self.keys_per_connection.max(1),
         };
         relocate::check(&sizes)?;
         Ok(sizes)
@@ -133,6 +137,8 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// kv moved node1 -> node2 under load: baton vs keepalived.
+    ///
     /// The kv service moved node1 -> node2 under a client workload, by
     /// baton (`baton ctl move`) and by keepalived (the same service code
     /// as a plain server on both nodes, the master's keepalived stopped for
@@ -140,6 +146,8 @@ enum BenchCommand {
     /// keys lost, time to the first reply after the switch, ops/s before,
     /// during and after, steady-state latency. Keys: `baton bench --help`.
     Relocate(SizeArgs),
+    /// Steady-state cost of the baton runtime vs a plain server.
+    ///
     /// The steady-state cost of the baton runtime: the same workload
     /// against the kv code as a plain server and under `baton node` on one
     /// node: ops/s, latency p50/p99 and their ratios.

@@ -35,6 +35,7 @@ pub const KEYS: &[&str] = &[
     "bench",
     "pipeline",
     "connections",
+    "keys_per_connection",
     "duration_s",
     "repeats",
     "plain_ops_per_s",
@@ -56,6 +57,7 @@ fn one(lab: &Lab, bin: &Path, system: System, pipeline: usize, sizes: &Sizes) ->
         connections: sizes.connections,
         pipeline,
         value_bytes: sizes.value_bytes,
+        keys_per_connection: sizes.keys_per_connection,
         request_timeout: Duration::from_secs(5),
     };
     let data = measure(lab, bin, system, cfg, sizes.duration, None)?;
@@ -137,6 +139,7 @@ pub fn run(sizes: Sizes, json_out: bool, out: Option<PathBuf>) -> Result<i32> {
             "bench": "overhead",
             "pipeline": p,
             "connections": sizes.connections,
+            "keys_per_connection": sizes.keys_per_connection,
             "duration_s": sizes.duration.as_secs_f64(),
             "repeats": sizes.repeat,
             "plain_ops_per_s": round3(plain_ops),
@@ -175,7 +178,7 @@ fn print_table(lines: &[Value]) {
         print!("{:>16}", format!("pipeline {}", l["pipeline"]));
     }
     println!();
-    for key in &KEYS[5..] {
+    for key in &KEYS[6..] {
         print!("{key:<24}");
         for l in lines {
             print!("{:>16.3}", l[*key].as_f64().unwrap_or(0.0));

@@ -36,6 +36,7 @@ pub struct Sizes {
     pub pipelines: Vec<usize>,
     pub repeat: usize,
     pub value_bytes: usize,
+    pub keys_per_connection: u64,
 }
 
 /// What the client workload saw in one run, with the times of the switch.
@@ -307,6 +308,10 @@ fn summary(sizes: &Sizes, system: System, pipeline: usize, runs: &[&Measurement]
     line.insert("system".into(), json!(system.name()));
     line.insert("pipeline".into(), json!(pipeline));
     line.insert("connections".into(), json!(sizes.connections));
+    line.insert(
+        "keys_per_connection".into(),
+        json!(sizes.keys_per_connection),
+    );
     line.insert("duration_s".into(), json!(sizes.duration.as_secs_f64()));
     line.insert("repeats".into(), json!(runs.len()));
     let values: Vec<Value> = runs
@@ -353,17 +358,11 @@ pub fn run(sizes: Sizes, json_out: bool, out: Option<PathBuf>) -> Result<i32> {
                     connections: sizes.connections,
                     pipeline,
                     value_bytes: sizes.value_bytes,
+                    keys_per_connection: sizes.keys_per_connection,
                     request_timeout: Duration::from_secs(5),
                 };
-                let data = measure(
-                    &lab,
-                    &bin,
-                    system,
-                    cfg,
-                    sizes.duration,
-                    Some(switch_at),
-                )
-                .with_context(|| format!("{} (pipeline {pipeline})", system.name()))?;
+                let data = measure(&lab, &bin, system, cfg, sizes.duration, Some(switch_at))
+                    .with_context(|| format!("{} (pipeline {pipeline})", system.name()))?;
                 runs.push(metrics(
                     system,
                     pipeline,

@@ -30,8 +30,7 @@ fn font_ready() -> bool {
         for path in FONT_PATHS {
             if let Ok(bytes) = std::fs::read(path) {
                 let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-                if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok()
-                {
+                if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
                     return true;
                 }
             }
@@ -100,11 +99,14 @@ fn plot_ops(path: &Path, title: &str, lines: &[Line]) -> Result<()> {
     mesh.draw()?;
     for line in lines {
         let c = line.color;
-        let drawn = chart.draw_series(LineSeries::new(line.points.iter().copied(), c.stroke_width(2)))?;
+        let drawn = chart.draw_series(LineSeries::new(
+            line.points.iter().copied(),
+            c.stroke_width(2),
+        ))?;
         if text {
-            drawn
-                .label(line.label.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+            drawn.label(line.label.clone()).legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
+            });
         }
     }
     let marker = chart.draw_series(LineSeries::new(
@@ -170,11 +172,14 @@ fn plot_cdf(path: &Path, title: &str, lines: &[Line]) -> Result<()> {
     mesh.draw()?;
     for line in lines {
         let c = line.color;
-        let drawn = chart.draw_series(LineSeries::new(line.points.iter().copied(), c.stroke_width(2)))?;
+        let drawn = chart.draw_series(LineSeries::new(
+            line.points.iter().copied(),
+            c.stroke_width(2),
+        ))?;
         if text {
-            drawn
-                .label(line.label.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+            drawn.label(line.label.clone()).legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
+            });
         }
     }
     if text {
@@ -266,8 +271,8 @@ pub fn relocate(dir: &Path, sizes: &Sizes, lines: &[Value], runs: &[Measurement]
     let _ = writeln!(md, "## Workload\n");
     let _ = writeln!(
         md,
-        "From client1, {} connections, each alternating `SET bench:C:N VALUE` ({} bytes, a new key every time) and `GET` of one of its own keys the server acknowledged before, as fast as replies come, with `pipeline` requests written at once. Every reply is checked and time-stamped. On an error (reset, end of stream, no reply within 5 s) the client drops the connection and connects again (at once, then backing off from 5 ms to 200 ms). At the end every connection reads back every key the server acknowledged.\n",
-        sizes.connections, sizes.value_bytes
+        "From client1, {} connections, each alternating `SET bench:C:K VALUE` ({} bytes; its own {} keys round robin, each value naming the write it comes from) and `GET` of one of its keys the server acknowledged before (it must return the last acknowledged write or a later one), as fast as replies come, with `pipeline` requests written at once. Every reply is checked and time-stamped. On an error (reset, end of stream, no reply within 5 s) the client drops the connection and connects again (at once, then backing off from 5 ms to 200 ms). At the end every connection reads back every key the server acknowledged.\n",
+        sizes.connections, sizes.value_bytes, sizes.keys_per_connection
     );
     let _ = writeln!(md, "## Metrics\n");
     let _ = writeln!(
@@ -287,9 +292,9 @@ pub fn relocate(dir: &Path, sizes: &Sizes, lines: &[Value], runs: &[Measurement]
 | client_errors | broken connections (reset, end of stream, 5 s without a reply), failed connects and error replies |\n\
 | resets | client1's kernel counters: RSTs sent + established connections reset + connections aborted |\n\
 | reconnects | successful connects after a connection broke |\n\
-| keys_written | keys the server acknowledged (SET answered OK) |\n\
-| keys_lost | acknowledged keys the final read-back found missing or different |\n\
-| get_misses | GETs during the run that found an acknowledged key missing |\n\
+| keys_written | distinct keys the server acknowledged (SET answered OK) |\n\
+| keys_lost | distinct acknowledged keys that a read (a GET during the run, or the final read-back of every key) found missing or older than their last acknowledged write: what a client could no longer read |\n\
+| get_misses | GETs during the run that found an acknowledged key missing or older than its last acknowledged write |\n\
 | wrong_replies | replies that were not what the request asks for |\n\
 | switch_ms | how long the switch command took |\n\
 | vip_moved_ms | from the switch command to the VIP being a local address of node2 |\n\
@@ -400,7 +405,7 @@ pub fn overhead(dir: &Path, sizes: &Sizes, lines: &[Value], runs: &[overhead::Ru
         rule.push_str("---:|");
     }
     let _ = writeln!(md, "{header}\n{rule}");
-    for key in &overhead::KEYS[5..] {
+    for key in &overhead::KEYS[6..] {
         let mut row = format!("| {key} |");
         for l in lines {
             let _ = write!(row, " {} |", fmt(&l[*key]));

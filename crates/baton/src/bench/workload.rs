@@ -2,9 +2,11 @@
 //! connections to a Redis-protocol server, each writing and reading its own
 //! keys as fast as the server answers, with `pipeline` requests in flight.
 //!
-//! Each connection alternates `SET bench:C:N VALUE` (a new key every time)
-//! and `GET` of one of its keys the server acknowledged before (chosen at
-//! random), and checks every reply. Every reply is time-stamped: the
+//! Each connection alternates `SET bench:C:K VALUE` (its K keys round
+//! robin, each value naming the write it comes from) and `GET` of one of
+//! its keys the server acknowledged before (chosen at random), and checks
+//! every reply: a GET must return the last acknowledged write of the key
+//! or a later one. Every reply is time-stamped: the
 //! completion time and the latency (from the write of its batch to the
 //! reply). On any error (reset, end of stream, no reply within the request
 //! timeout) the connection is dropped and made again, immediately and then
@@ -33,6 +35,8 @@ pub struct WorkloadConfig {
     /// reply, next).
     pub pipeline: usize,
     pub value_bytes: usize,
+    /// Keys each connection writes, round robin (its working set).
+    pub keys_per_connection: u64,
     /// How long a batch may wait for its replies before the connection is
     /// taken as broken (redis-py's and Jedis's socket timeouts are of this
     /// order).
@@ -58,11 +62,14 @@ pub struct ConnStats {
     pub errors: u64,
     /// Successful connects after the first.
     pub reconnects: u64,
-    /// Keys the server acknowledged (SET answered +OK).
+    /// Distinct keys the server acknowledged (SET answered +OK).
     pub keys_written: u64,
-    /// Acknowledged keys the read-back found missing or different.
+    /// Distinct acknowledged keys a read (a GET during the run or the
+    /// final read-back) found missing or older than their last acknowledged
+    /// write.
     pub keys_lost: u64,
-    /// GETs during the run that found an acknowledged key missing.
+    /// GETs during the run that found an acknowledged key missing or older
+    /// than its last acknowledged write.
     pub get_misses: u64,
     /// Replies that were not what the request asks for (wrong value,
     /// unexpected type).
@@ -76,7 +83,9 @@ pub struct ConnStats {
 /// instant its time stamps count from); it runs until `stop` is set, reads
 /// back, and returns each connection's stats.
 pub struct Workload {
-    thread: std::thread::JoinHandle<Result<Result<Vec<ConnStats>, String>, baton_net::netns::NetnsError>>,
+    thread: std::thread::JoinHandle<
+        Result<Result<Vec<ConnStats>, String>, baton_net::netns::NetnsError>,
+    >,
     go: mpsc::Sender<Instant>,
     stop: Arc<AtomicBool>,
     /// The instant time stamps count from, once started.
@@ -186,12 +195,56 @@ async fn run(
 
 #[derive(Clone, Copy)]
 enum Op {
+    /// Write number n, to key n % K.
     Set(u64),
-    Get(u64),
+    /// Read key `slot`, whose last acknowledged write was number `min`.
+    Get { slot: u64, min: u64 },
 }
 
-fn key(conn: usize, n: u64) -> String {
-    format!("bench:{conn}:{n}")
+fn key(conn: usize, slot: u64) -> String {
+    format!("bench:{conn}:{slot}")
+}
+
+/// The connection and write number a value names.
+fn parse_value(v: &[u8]) -> Option<(usize, u64)> {
+    let text = std::str::from_utf8(v).ok()?;
+    let mut parts = text.split(':');
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// Acknowledged writes of one connection.
+struct Acked {
+    /// Per key: the last acknowledged write number.
+    last: Vec<Option<u64>>,
+    /// Keys with an acknowledged write, in first-ack order.
+    slots: Vec<u64>,
+    /// Keys a read found missing or older than their last acknowledged
+    /// write, during the run or at the read-back.
+    lost: Vec<bool>,
+}
+
+impl Acked {
+    fn new(keys: u64) -> Acked {
+        Acked {
+            last: vec![None; keys as usize],
+            slots: Vec::new(),
+            lost: vec![false; keys as usize],
+        }
+    }
+
+    fn ack(&mut self, slot: u64, n: u64) {
+        let last = &mut self.last[slot as usize];
+        if last.is_none() {
+            self.slots.push(slot);
+        }
+        *last = Some(last.map_or(n, |l| l.max(n)));
+    }
+
+    /// Whether `value` read from `slot` is its last acknowledged write or a
+    /// later one (a write whose reply was lost may have been applied).
+    fn current(&self, id: usize, slot: u64, keys: u64, min: u64, value: &[u8]) -> bool {
+        matches!(parse_value(value), Some((c, n)) if c == id && n % keys == slot && n >= min)
+    }
 }
 
 fn value(conn: usize, n: u64, len: usize) -> Vec<u8> {
@@ -217,8 +270,9 @@ async fn connection(
     start: Instant,
 ) -> ConnStats {
     let mut st = ConnStats::default();
-    let mut acked: Vec<u64> = Vec::new();
-    let mut next_key = 0u64;
+    let keys = cfg.keys_per_connection.max(1);
+    let mut acked = Acked::new(keys);
+    let mut next_write = 0u64;
     let mut op_counter = 0u64;
     let mut rng = (id as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let mut backoff = Duration::ZERO;
@@ -238,7 +292,8 @@ async fn connection(
                 }
                 Err(_) => {
                     st.errors += 1;
-                    backoff = (backoff * 2).clamp(Duration::from_millis(5), Duration::from_millis(200));
+                    backoff =
+                        (backoff * 2).clamp(Duration::from_millis(5), Duration::from_millis(200));
                 }
             }
             continue;
@@ -246,21 +301,26 @@ async fn connection(
         out.clear();
         ops.clear();
         for _ in 0..cfg.pipeline {
-            if op_counter % 2 == 0 || acked.is_empty() {
-                let n = next_key;
-                next_key += 1;
+            if op_counter & 1 == 0 || acked.slots.is_empty() {
+                let n = next_write;
+                next_write += 1;
                 push_command(
                     &mut out,
-                    &[b"SET", key(id, n).as_bytes(), &value(id, n, cfg.value_bytes)],
+                    &[
+                        b"SET",
+                        key(id, n % keys).as_bytes(),
+                        &value(id, n, cfg.value_bytes),
+                    ],
                 );
                 ops.push(Op::Set(n));
             } else {
                 rng ^= rng << 13;
                 rng ^= rng >> 7;
                 rng ^= rng << 17;
-                let n = acked[(rng % acked.len() as u64) as usize];
-                push_command(&mut out, &[b"GET", key(id, n).as_bytes()]);
-                ops.push(Op::Get(n));
+                let slot = acked.slots[(rng % acked.slots.len() as u64) as usize];
+                let min = acked.last[slot as usize].unwrap_or(0);
+                push_command(&mut out, &[b"GET", key(id, slot).as_bytes()]);
+                ops.push(Op::Get { slot, min });
             }
             op_counter += 1;
         }
@@ -286,7 +346,7 @@ async fn connection(
                                 done_us: now.duration_since(start).as_micros() as u64,
                                 latency_us: now.duration_since(sent).as_micros() as u32,
                             });
-                            check(&mut st, &mut acked, id, ops[answered], reply, cfg.value_bytes);
+                            check(&mut st, &mut acked, id, keys, ops[answered], reply);
                             answered += 1;
                         }
                         Ok(None) => break,
@@ -305,17 +365,28 @@ async fn connection(
             }
         }
     }
-    readback(id, stream, &cfg, &acked, &mut st).await;
-    st.keys_written = acked.len() as u64;
+    readback(id, stream, &cfg, &mut acked, &mut st).await;
+    st.keys_lost = acked.lost.iter().filter(|l| **l).count() as u64;
+    st.keys_written = acked.slots.len() as u64;
     st
 }
 
-fn check(st: &mut ConnStats, acked: &mut Vec<u64>, id: usize, op: Op, reply: Reply, vlen: usize) {
+fn check(st: &mut ConnStats, acked: &mut Acked, id: usize, keys: u64, op: Op, reply: Reply) {
     match (op, reply) {
         (_, Reply::Error) => st.errors += 1,
-        (Op::Set(n), Reply::Simple(ok)) if ok == b"OK" => acked.push(n),
-        (Op::Get(_), Reply::Bulk(None)) => st.get_misses += 1,
-        (Op::Get(n), Reply::Bulk(Some(v))) if v == value(id, n, vlen) => {}
+        (Op::Set(n), Reply::Simple(ok)) if ok == b"OK" => acked.ack(n % keys, n),
+        (Op::Get { slot, .. }, Reply::Bulk(None)) => {
+            st.get_misses += 1;
+            acked.lost[slot as usize] = true;
+        }
+        (Op::Get { slot, min }, Reply::Bulk(Some(v))) if acked.current(id, slot, keys, min, &v) => {
+        }
+        (Op::Get { slot, .. }, Reply::Bulk(Some(v))) if matches!(parse_value(&v), Some((c, n)) if c == id && n % keys == slot) =>
+        {
+            // An older write of this key: the newer one was lost.
+            st.get_misses += 1;
+            acked.lost[slot as usize] = true;
+        }
         _ => st.wrong_replies += 1,
     }
 }
@@ -326,13 +397,14 @@ async fn readback(
     id: usize,
     mut stream: Option<TcpStream>,
     cfg: &WorkloadConfig,
-    acked: &[u64],
+    acked: &mut Acked,
     st: &mut ConnStats,
 ) {
     const BATCH: usize = 100;
     let mut done = 0;
     let mut attempts = 0;
-    while done < acked.len() {
+    let keys = cfg.keys_per_connection.max(1);
+    while done < acked.slots.len() {
         if stream.is_none() {
             attempts += 1;
             if attempts > 5 {
@@ -346,10 +418,10 @@ async fn readback(
             continue;
         }
         let Some(s) = stream.as_mut() else { continue };
-        let batch = &acked[done..(done + BATCH).min(acked.len())];
-        let keys: Vec<String> = batch.iter().map(|&n| key(id, n)).collect();
+        let batch = &acked.slots[done..(done + BATCH).min(acked.slots.len())];
+        let names: Vec<String> = batch.iter().map(|&n| key(id, n)).collect();
         let mut args: Vec<&[u8]> = vec![b"MGET"];
-        args.extend(keys.iter().map(|k| k.as_bytes()));
+        args.extend(names.iter().map(|k| k.as_bytes()));
         let mut out = Vec::new();
         push_command(&mut out, &args);
         let exchange = async {
@@ -371,10 +443,11 @@ async fn readback(
         };
         match tokio::time::timeout(Duration::from_secs(10), exchange).await {
             Ok(Some(Reply::Array(values))) if values.len() == batch.len() => {
-                for (&n, v) in batch.iter().zip(values) {
+                for (&slot, v) in batch.iter().zip(values) {
+                    let min = acked.last[slot as usize].unwrap_or(0);
                     match v {
-                        Reply::Bulk(Some(v)) if v == value(id, n, cfg.value_bytes) => {}
-                        _ => st.keys_lost += 1,
+                        Reply::Bulk(Some(v)) if acked.current(id, slot, keys, min, &v) => {}
+                        _ => acked.lost[slot as usize] = true,
                     }
                 }
                 done += batch.len();
@@ -492,6 +565,16 @@ mod tests {
     fn values_are_per_key() {
         assert_eq!(value(1, 2, 8), b"1:2:xxxx".to_vec());
         assert_ne!(value(1, 2, 8), value(2, 1, 8));
+        assert_eq!(parse_value(&value(7, 12, 32)), Some((7, 12)));
+        let mut acked = Acked::new(10);
+        acked.ack(2, 12);
+        acked.ack(2, 2);
+        assert_eq!(acked.last[2], Some(12));
+        assert_eq!(acked.slots, vec![2]);
+        assert!(acked.current(7, 2, 10, 12, &value(7, 12, 32)));
+        assert!(acked.current(7, 2, 10, 12, &value(7, 22, 32)));
+        assert!(!acked.current(7, 2, 10, 12, &value(7, 2, 32)));
+        assert!(!acked.current(7, 2, 10, 12, &value(8, 12, 32)));
         let mut out = Vec::new();
         push_command(&mut out, &[b"GET", b"k"]);
         assert_eq!(out, b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n".to_vec());

@@ -171,12 +171,6 @@ impl Parser {
         self.buf.len() == self.pos && self.multibulk.is_none()
     }
 
-    /// The error found in the input, if any.
-    #[cfg(test)]
-    pub fn error(&self) -> Option<&ProtocolError> {
-        self.failed.as_ref()
-    }
-
     /// The next complete command, `Ok(None)` if more input is needed, or
     /// the protocol error (the same one on every later call).
     pub fn next_command(&mut self) -> Result<Option<Command>, ProtocolError> {
