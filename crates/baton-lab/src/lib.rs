@@ -324,6 +324,9 @@ impl Lab {
             "bridge",
             "mcast_snooping",
             "0",
+            // Ports forward as soon as they join (no STP in a lab).
+            "forward_delay",
+            "0",
         ])?;
         ip(&["-n", &sw, "link", "set", &br, "up"])?;
         for host in &self.hosts {
