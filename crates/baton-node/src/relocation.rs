@@ -84,6 +84,9 @@ fn ports(vip: &Vip) -> Ports {
     }
 }
 
+/// When the target announces the VIP a second time.
+const REANNOUNCE_AFTER: Duration = Duration::from_secs(1);
+
 /// How many queue numbers from [`MoveConfig::queue_num`] holds may use: the
 /// previous move's hold may still be winding down in the background.
 const HOLD_QUEUES: u16 = 8;
@@ -602,6 +605,14 @@ async fn take_in(
                 if let Err(e) = vip::announce(&to_announce, how).await {
                     tracing::error!(error = %e, "announcing the VIP");
                 }
+                // A second wave for clients that missed the first (a lost
+                // frame, a link down for a moment), as keepalived repeats
+                // its gratuitous ARPs; otherwise they would keep sending to
+                // the old owner until their neighbour entry expires.
+                tokio::time::sleep(REANNOUNCE_AFTER).await;
+                if let Err(e) = vip::announce(&to_announce, how).await {
+                    tracing::warn!(error = %e, "announcing the VIP again");
+                }
             }));
             let ready = MoveMessage::Ready {
                 move_id,
@@ -711,6 +722,11 @@ where
     if let Err(e) = write_message(control, &done).await {
         tracing::warn!(error = %e, "sending Done (the move itself is complete)");
     }
+    std::thread::spawn(move || {
+        if let Err(e) = hold.release() {
+            tracing::warn!(error = %e, "ending the hold after a move");
+        }
+    });
     let mut late_packets = 0;
     match read_message(control, cfg.step_timeout, "the source's late packets").await {
         Ok(m) => match session.on_receive(&m) {
@@ -726,11 +742,6 @@ where
         },
         Err(e) => tracing::debug!(error = %e, "no late packets from the source"),
     }
-    std::thread::spawn(move || {
-        if let Err(e) = hold.release() {
-            tracing::warn!(error = %e, "ending the hold after a move");
-        }
-    });
     Ok(TakeReport {
         connections,
         thaw_sockets,

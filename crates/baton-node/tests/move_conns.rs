@@ -406,7 +406,10 @@ fn move_raw(lab: &Lab, vip: &Vip, sockets: Vec<TcpStream>) -> Vec<TcpStream> {
         .run_in("node2", move || TcpListener::bind(target_addr).unwrap())
         .unwrap();
     let (adopted_tx, adopted_rx) = mpsc::channel();
-    let target = lab
+    let (report_tx, report_rx) = mpsc::channel();
+    // The target's runtime outlives the move for a while, as a node's does:
+    // its second VIP announcement goes out from there.
+    let _target = lab
         .spawn_in("node2", move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -416,9 +419,11 @@ fn move_raw(lab: &Lab, vip: &Vip, sockets: Vec<TcpStream>) -> Vec<TcpStream> {
                 listener.set_nonblocking(true).unwrap();
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
                 let (control, _) = listener.accept().await.unwrap();
-                relocation::accept_move(&move_config(), control, &mut ChannelTaker(adopted_tx))
-                    .await
-                    .unwrap()
+                let report =
+                    relocation::accept_move(&move_config(), control, &mut ChannelTaker(adopted_tx))
+                        .await;
+                report_tx.send(report.map_err(|e| e.to_string())).unwrap();
+                tokio::time::sleep(Duration::from_secs(3)).await;
             })
         })
         .unwrap();
@@ -450,7 +455,7 @@ fn move_raw(lab: &Lab, vip: &Vip, sockets: Vec<TcpStream>) -> Vec<TcpStream> {
         })
         .unwrap()
         .expect("move");
-    let take = target.join().unwrap().unwrap();
+    let take = report_rx.recv().unwrap().unwrap();
     assert_eq!(take.connections, report.connections);
     adopted_rx
         .recv()
