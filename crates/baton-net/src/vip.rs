@@ -994,10 +994,10 @@ pub async fn neighbours(ifname: &str, ips: &[IpAddr]) -> Result<Vec<Neighbour>, 
     Ok(found)
 }
 
-/// Adds `neighbours` to the neighbour table of `ifname` as STALE entries:
+/// Puts `neighbours` in the neighbour table of `ifname` as STALE entries:
 /// used at once for sending, confirmed by the kernel in the background.
-/// Entries the table already has are left alone. Returns how many were
-/// added.
+/// They replace what the table has (an entry still being resolved, or
+/// failed, would hold the first packets back). Returns how many.
 pub async fn learn_neighbours(ifname: &str, neighbours: &[Neighbour]) -> Result<usize, VipError> {
     use netlink_packet_route::neighbour::NeighbourState;
     if neighbours.is_empty() {
@@ -1015,12 +1015,11 @@ pub async fn learn_neighbours(ifname: &str, neighbours: &[Neighbour]) -> Result<
             .add(link.index, n.ip)
             .link_local_address(&n.mac)
             .state(NeighbourState::Stale)
+            .replace()
             .execute()
             .await;
         match result {
             Ok(()) => added += 1,
-            // Already known here: the kernel's own entry is better.
-            Err(e) if nl_errno(&e) == Some(libc::EEXIST) => {}
             Err(e) => return Err(nl_err("add a neighbour", e)),
         }
     }

@@ -87,6 +87,19 @@ fn ports(vip: &Vip) -> Ports {
 /// When the target announces the VIP a second time.
 const REANNOUNCE_AFTER: Duration = Duration::from_secs(1);
 
+/// Announcements of VIPs taken by this process that may still be running,
+/// by VIP: a move out of that VIP cancels them first.
+fn pending_announcements(
+) -> std::sync::MutexGuard<'static, std::collections::HashMap<IpAddr, tokio::task::AbortHandle>> {
+    static PENDING: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<IpAddr, tokio::task::AbortHandle>>,
+    > = std::sync::OnceLock::new();
+    PENDING
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
 /// How many queue numbers from [`MoveConfig::queue_num`] holds may use: the
 /// previous move's hold may still be winding down in the background.
 const HOLD_QUEUES: u16 = 8;
@@ -257,6 +270,9 @@ where
     let _ = control.set_nodelay(true);
 
     let started = Instant::now();
+    if let Some(pending) = pending_announcements().remove(&vip.addr) {
+        pending.abort();
+    }
     let hold = install_hold(cfg, vip).map_err(|e| fail(e.into()))?;
     let Handoff {
         service,
@@ -601,7 +617,7 @@ async fn take_in(
             // is held here, not at the source (where it would have to be
             // forwarded). If the move rolls back, the source announces again.
             let (how, to_announce) = (cfg.announce, taken.clone());
-            announcing = Some(tokio::spawn(async move {
+            let announce_task = tokio::spawn(async move {
                 if let Err(e) = vip::announce(&to_announce, how).await {
                     tracing::error!(error = %e, "announcing the VIP");
                 }
@@ -613,7 +629,11 @@ async fn take_in(
                 if let Err(e) = vip::announce(&to_announce, how).await {
                     tracing::warn!(error = %e, "announcing the VIP again");
                 }
-            }));
+            });
+            // A move away from here stops it: an old owner announcing would
+            // pull the clients back to a node without the VIP.
+            pending_announcements().insert(vip.addr, announce_task.abort_handle());
+            announcing = Some(announce_task);
             let ready = MoveMessage::Ready {
                 move_id,
                 thawed: thawed.len() as u32,

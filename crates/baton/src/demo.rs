@@ -32,6 +32,9 @@ pub struct DemoArgs {
     /// Print one JSON line: {"moves","ops","client_errors","max_pause_ms"}.
     #[arg(long)]
     json: bool,
+    /// Give up (counting a client error) if redis-benchmark runs longer.
+    #[arg(long, default_value_t = 600)]
+    max_seconds: u64,
     /// Leave the lab and its three nodes running afterwards, to try
     /// `baton ctl` and redis-cli by hand (`baton lab down --name demo` ends it).
     #[arg(long)]
@@ -104,10 +107,21 @@ pub fn run(args: DemoArgs) -> Result<i32> {
     let mut at = 0;
     let mut moves = 0u32;
     let mut move_errors = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(args.max_seconds);
+    let mut gave_up = false;
     let bench_done = loop {
         std::thread::sleep(Duration::from_millis(args.move_every_ms));
         if let Some(status) = bench.try_wait()? {
             break status;
+        }
+        if Instant::now() > deadline {
+            say(format!(
+                "redis-benchmark still running after {} s: stopping it",
+                args.max_seconds
+            ));
+            gave_up = true;
+            let _ = bench.kill();
+            break bench.wait()?;
         }
         let next = (at + 1) % nodes.len();
         match cluster.move_service("node1", "kv", nodes[next]) {
@@ -139,7 +153,7 @@ pub fn run(args: DemoArgs) -> Result<i32> {
     }
     say(format!("redis-benchmark:\n{}", out.trim_end()));
     let tests = TESTS.split(',').count() as u64;
-    let bench_errors = u64::from(!bench_done.success())
+    let bench_errors = u64::from(!bench_done.success() || gave_up)
         + (out + &err)
             .lines()
             .filter(|l| l.to_lowercase().contains("error"))
