@@ -105,7 +105,15 @@ pub async fn run(cfg: NodeConfig, registry: Registry) -> Result<(), NodeError> {
             listeners.push(Arc::new(l));
         }
         let spec = node.spec(&s.vip);
-        let runtime = if s.preferred_node == cfg.node {
+        let elsewhere = if s.preferred_node == cfg.node {
+            running_elsewhere(&cfg, &s.name).await
+        } else {
+            None
+        };
+        if let Some(other) = &elsewhere {
+            tracing::info!(service = %s.name, node = %other, "already served elsewhere; not taking it");
+        }
+        let runtime = if s.preferred_node == cfg.node && elsewhere.is_none() {
             vip::take(&spec, node.moves.announce)
                 .await
                 .map_err(|e| NodeError::Setup(format!("service {}: taking VIP: {e}", s.name)))?;
@@ -180,6 +188,24 @@ pub async fn run(cfg: NodeConfig, registry: Registry) -> Result<(), NodeError> {
     shutdown(&node).await;
     let _ = std::fs::remove_file(&socket_path);
     Ok(())
+}
+
+/// The peer that serves `service` now, if any answers that it does: a node
+/// that restarts must not take back a service that was moved away.
+async fn running_elsewhere(cfg: &NodeConfig, service: &str) -> Option<String> {
+    for (name, addr) in &cfg.peers {
+        if *name == cfg.node {
+            continue;
+        }
+        if let Ok(PeerReply::Running(running)) =
+            ask_peer(*addr, &PeerRequest::Status, Duration::from_millis(500)).await
+        {
+            if running.iter().any(|(s, _, _)| s == service) {
+                return Some(name.clone());
+            }
+        }
+    }
+    None
 }
 
 /// Stops serving: every VIP this node holds is released (its clients then

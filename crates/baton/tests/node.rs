@@ -311,3 +311,21 @@ fn a_bad_config_is_one_clear_line() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_restarted_node_does_not_take_back_a_moved_service() {
+    if !have_redis_tools() {
+        panic!("redis-tools missing: run scripts/setup.sh");
+    }
+    let mut c = cluster("nr", &[service("kv", "kv", KV_PORT)]);
+    assert_eq!(redis_cli(&c, "client1", &["SET", "k", "v"]), "OK");
+    c.move_service("node1", "kv", "node2").unwrap();
+    assert!(c.stop_node("node1"));
+    c.start_node("node1").unwrap();
+    c.wait_ready("node1", Duration::from_secs(10)).unwrap();
+    assert_eq!(c.running_on("node1", "kv").as_deref(), Some("node2"));
+    assert_eq!(redis_cli(&c, "client1", &["GET", "k"]), "v");
+    // And it can be moved back to the restarted node.
+    c.move_service("node3", "kv", "node1").unwrap();
+    assert_eq!(redis_cli(&c, "client1", &["GET", "k"]), "v");
+}
