@@ -515,9 +515,30 @@ impl Lab {
         let br = bridge_name(&self.name);
         match fault {
             Fault::Isolate => ip(&["-n", &sw, "link", "set", &host.port, "nomaster"]),
-            Fault::Heal => ip(&["-n", &sw, "link", "set", &host.port, "master", &br]),
+            Fault::Heal => {
+                ip(&["-n", &sw, "link", "set", &host.port, "master", &br])?;
+                self.forget_failed_neighbours(host);
+                Ok(())
+            }
             Fault::LinkDown => ip(&["-n", &sw, "link", "set", &host.port, "down"]),
-            Fault::LinkUp => ip(&["-n", &sw, "link", "set", &host.port, "up"]),
+            Fault::LinkUp => {
+                ip(&["-n", &sw, "link", "set", &host.port, "up"])?;
+                self.forget_failed_neighbours(host);
+                Ok(())
+            }
+        }
+    }
+
+    /// After a heal: neighbour entries that failed (or are still being
+    /// resolved, retried only every second) while `host` was cut off are
+    /// dropped on both sides, so the next packet resolves at once, as after
+    /// a link comes back on a real segment whose hosts announce themselves.
+    fn forget_failed_neighbours(&self, host: &Host) {
+        let _ = ip(&["-n", &host.netns, "neigh", "flush", "dev", "eth0"]);
+        for other in self.hosts.iter().filter(|h| h.name != host.name) {
+            for addr in [host.ipv4.to_string(), host.ipv6.to_string()] {
+                let _ = ip(&["-n", &other.netns, "neigh", "del", &addr, "dev", "eth0"]);
+            }
         }
     }
 
