@@ -154,6 +154,12 @@ pub fn in_root_namespace() -> std::io::Result<bool> {
     Err(first_err.expect("two references tried"))
 }
 
+/// Identity of the calling thread's network namespace (its inode), to tell
+/// apart state that several lab nodes keep in one process.
+pub fn current_id() -> Option<u64> {
+    ns_id(Path::new("/proc/thread-self/ns/net")).map(|(_, ino)| ino)
+}
+
 /// Ids of the processes whose network namespace is the one at `path`.
 pub fn pids_in(path: &Path) -> Vec<u32> {
     let Some(target) = ns_id(path) else {

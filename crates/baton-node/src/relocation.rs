@@ -87,12 +87,18 @@ fn ports(vip: &Vip) -> Ports {
 /// When the target announces the VIP a second time.
 const REANNOUNCE_AFTER: Duration = Duration::from_secs(1);
 
-/// Announcements of VIPs taken by this process that may still be running,
-/// by VIP: a move out of that VIP cancels them first.
-fn pending_announcements(
-) -> std::sync::MutexGuard<'static, std::collections::HashMap<IpAddr, tokio::task::AbortHandle>> {
+/// Which node's announcement of which VIP: the network namespace tells
+/// apart nodes that share one process (lab tests, benchmarks).
+type AnnouncementKey = (Option<u64>, IpAddr);
+
+/// Announcements of VIPs taken by this node that may still be running: a
+/// move out of that VIP cancels them first.
+fn pending_announcements() -> std::sync::MutexGuard<
+    'static,
+    std::collections::HashMap<AnnouncementKey, tokio::task::AbortHandle>,
+> {
     static PENDING: std::sync::OnceLock<
-        std::sync::Mutex<std::collections::HashMap<IpAddr, tokio::task::AbortHandle>>,
+        std::sync::Mutex<std::collections::HashMap<AnnouncementKey, tokio::task::AbortHandle>>,
     > = std::sync::OnceLock::new();
     PENDING
         .get_or_init(Default::default)
@@ -270,7 +276,8 @@ where
     let _ = control.set_nodelay(true);
 
     let started = Instant::now();
-    if let Some(pending) = pending_announcements().remove(&vip.addr) {
+    let key = (baton_net::netns::current_id(), vip.addr);
+    if let Some(pending) = pending_announcements().remove(&key) {
         pending.abort();
     }
     let hold = install_hold(cfg, vip).map_err(|e| fail(e.into()))?;
@@ -632,7 +639,10 @@ async fn take_in(
             });
             // A move away from here stops it: an old owner announcing would
             // pull the clients back to a node without the VIP.
-            pending_announcements().insert(vip.addr, announce_task.abort_handle());
+            pending_announcements().insert(
+                (baton_net::netns::current_id(), vip.addr),
+                announce_task.abort_handle(),
+            );
             announcing = Some(announce_task);
             let ready = MoveMessage::Ready {
                 move_id,
