@@ -45,7 +45,7 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::vip::{cvt, new_socket, setsockopt_int, sockaddr_in, sockaddr_in6};
+use crate::vip::{cvt, new_socket};
 
 /// Comment prefix of every rule we install (`baton-hold:<VIP>`).
 pub const HOLD_COMMENT_PREFIX: &str = "baton-hold:";
@@ -660,9 +660,6 @@ impl Drop for Hold {
 // ---------------------------------------------------------------------------
 // re-injection
 
-/// `IPV6_HDRINCL` from `<linux/in6.h>` (not in every libc version).
-const IPV6_HDRINCL: i32 = 36;
-
 /// Where a packet goes, after checking it is a whole IPv4 or IPv6 packet;
 /// returns its destination and its length per its header.
 fn parse_dest(index: usize, p: &[u8]) -> Result<(IpAddr, usize), HoldError> {
@@ -820,61 +817,45 @@ pub fn inject(packets: &[Vec<u8>]) -> Result<usize, HoldError> {
     let mut v4 = None;
     let mut v6 = None;
     for (packet, (dst, len)) in packets.iter().zip(parsed) {
-        let bytes = &packet[..len];
-        let sent = match dst {
-            IpAddr::V4(dst) => {
-                if v4.is_none() {
-                    // IPPROTO_RAW implies IP_HDRINCL.
-                    let fd = new_socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW)
-                        .map_err(|source| inject_err("open a raw IPv4 socket", source))?;
-                    setsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_MARK, INJECT_MARK as i32)
-                        .map_err(|source| inject_err("set SO_MARK", source))?;
-                    v4 = Some(fd);
-                }
-                let fd = v4.as_ref().map(|f| f.as_raw_fd()).unwrap_or(-1);
-                let sa = sockaddr_in(dst);
-                // SAFETY: valid fd, buffer and sockaddr_in with their sizes.
-                unsafe {
-                    libc::sendto(
-                        fd,
-                        bytes.as_ptr().cast(),
-                        bytes.len(),
-                        0,
-                        (&sa as *const libc::sockaddr_in).cast(),
-                        std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-                    )
-                }
-            }
-            IpAddr::V6(dst) => {
-                if v6.is_none() {
-                    let fd = new_socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_RAW)
-                        .map_err(|source| inject_err("open a raw IPv6 socket", source))?;
-                    setsockopt_int(&fd, libc::IPPROTO_IPV6, IPV6_HDRINCL, 1)
-                        .map_err(|source| inject_err("set IPV6_HDRINCL", source))?;
-                    setsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_MARK, INJECT_MARK as i32)
-                        .map_err(|source| inject_err("set SO_MARK", source))?;
-                    v6 = Some(fd);
-                }
-                let fd = v6.as_ref().map(|f| f.as_raw_fd()).unwrap_or(-1);
-                let sa = sockaddr_in6(dst, 0);
-                // SAFETY: valid fd, buffer and sockaddr_in6 with their sizes.
-                unsafe {
-                    libc::sendto(
-                        fd,
-                        bytes.as_ptr().cast(),
-                        bytes.len(),
-                        0,
-                        (&sa as *const libc::sockaddr_in6).cast(),
-                        std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-                    )
-                }
-            }
+        let socket = match dst {
+            IpAddr::V4(_) => &mut v4,
+            IpAddr::V6(_) => &mut v6,
         };
-        if sent < 0 {
-            return Err(inject_err("send", io::Error::last_os_error()));
+        if socket.is_none() {
+            *socket = Some(raw_injector(dst.is_ipv6())?);
         }
+        let socket = socket.as_ref().expect("opened above");
+        socket
+            .send_to(&packet[..len], &std::net::SocketAddr::new(dst, 0).into())
+            .map_err(|source| inject_err("send", source))?;
     }
     Ok(packets.len())
+}
+
+/// A raw socket that sends whole IP packets (header included), marked
+/// [`INJECT_MARK`].
+fn raw_injector(v6: bool) -> Result<socket2::Socket, HoldError> {
+    let domain = if v6 {
+        socket2::Domain::IPV6
+    } else {
+        socket2::Domain::IPV4
+    };
+    // IPPROTO_RAW implies IP_HDRINCL (and IPV6_HDRINCL since Linux 4.5).
+    let socket = socket2::Socket::new(
+        domain,
+        socket2::Type::RAW,
+        Some(socket2::Protocol::from(libc::IPPROTO_RAW)),
+    )
+    .map_err(|source| inject_err("open a raw socket", source))?;
+    if v6 {
+        socket
+            .set_header_included_v6(true)
+            .map_err(|source| inject_err("set IPV6_HDRINCL", source))?;
+    }
+    socket
+        .set_mark(INJECT_MARK)
+        .map_err(|source| inject_err("set SO_MARK", source))?;
+    Ok(socket)
 }
 
 fn inject_err(op: &'static str, source: io::Error) -> HoldError {

@@ -777,14 +777,6 @@ pub(crate) fn sockaddr_in6(addr: Ipv6Addr, scope_id: u32) -> libc::sockaddr_in6 
     sa
 }
 
-pub(crate) fn sockaddr_in(addr: Ipv4Addr) -> libc::sockaddr_in {
-    // SAFETY: sockaddr_in is plain old data; all-zero is valid.
-    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    sa.sin_family = libc::AF_INET as libc::sa_family_t;
-    sa.sin_addr.s_addr = u32::from_ne_bytes(addr.octets());
-    sa
-}
-
 impl Sender {
     /// Gratuitous ARP request (RFC 5227 ARP announcement): sender = target =
     /// VIP, from the VIP's MAC, to the broadcast MAC, via AF_PACKET.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use baton_core::relocation::{Vip, MAGIC as MOVE_MAGIC};
 use baton_core::service::Service;
-use baton_net::vip::{self, VipSpec};
+use baton_net::vip;
 use tokio::net::{TcpListener, TcpStream, UnixListener};
 
 use crate::config::{NodeConfig, ServiceConfig};
@@ -54,14 +54,6 @@ struct Node {
 }
 
 impl Node {
-    fn spec(&self, vip: &Vip) -> VipSpec {
-        let spec = VipSpec::new(vip.addr, vip.prefix_len, self.cfg.interface.clone());
-        match self.cfg.vrid {
-            Some(vrid) => spec.with_vmac(vrid),
-            None => spec,
-        }
-    }
-
     fn slots(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Slot>> {
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -104,7 +96,7 @@ pub async fn run(cfg: NodeConfig, registry: Registry) -> Result<(), NodeError> {
                 .map_err(io_err(what))?;
             listeners.push(Arc::new(l));
         }
-        let spec = node.spec(&s.vip);
+        let spec = node.moves.spec(&s.vip);
         let elsewhere = if s.preferred_node == cfg.node {
             running_elsewhere(&cfg, &s.name).await
         } else {
@@ -218,7 +210,7 @@ async fn shutdown(node: &Node) {
         .map(|s| s.cfg.vip.clone())
         .collect();
     for v in held {
-        if let Err(e) = vip::release(&node.spec(&v)).await {
+        if let Err(e) = vip::release(&node.moves.spec(&v)).await {
             tracing::warn!(vip = %v.addr, error = %e, "releasing a VIP at shutdown");
         }
     }

@@ -7,7 +7,6 @@
 //! test checks the server's end of each stream across moves.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -84,14 +83,7 @@ impl Ledger {
     }
 }
 
-/// The id of a connection, the same on every node: derived from the
-/// client's address (unique per VIP and port at any time).
-pub fn connection_id(peer: SocketAddr) -> u64 {
-    // A dual-stack listener sees IPv4 clients as v4-mapped IPv6 addresses.
-    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-    let digest = Sha256::digest(peer.to_string().as_bytes());
-    u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
-}
+pub use crate::runtime::connection_id;
 
 enum HostCommand {
     HandOff(oneshot::Sender<Vec<Parked>>),

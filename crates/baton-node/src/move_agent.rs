@@ -155,12 +155,7 @@ async fn run(
             .await
             .map_err(|e| format!("move listener on {}:{}: {e}", cfg.node_addr, cfg.move_port))?;
         if let Some(vip) = &cfg.initial_vip {
-            let spec = baton_net::vip::VipSpec::new(vip.addr, vip.prefix_len, &cfg.moves.interface);
-            let spec = match cfg.moves.vrid {
-                Some(vrid) => spec.with_vmac(vrid),
-                None => spec,
-            };
-            baton_net::vip::take(&spec, cfg.moves.announce)
+            baton_net::vip::take(&cfg.moves.spec(vip), cfg.moves.announce)
                 .await
                 .map_err(|e| format!("taking VIP {}: {e}", vip.addr))?;
         }
@@ -208,7 +203,6 @@ async fn run(
     listener_task.abort();
     // Leave nothing behind in the namespace: the VIP, if we hold it.
     if let Some(vip) = &cfg.initial_vip {
-        let spec = baton_net::vip::VipSpec::new(vip.addr, vip.prefix_len, &cfg.moves.interface);
-        let _ = baton_net::vip::release(&spec).await;
+        let _ = baton_net::vip::release(&cfg.moves.spec(vip)).await;
     }
 }

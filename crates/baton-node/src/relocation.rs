@@ -67,7 +67,9 @@ impl MoveConfig {
         }
     }
 
-    fn spec(&self, vip: &Vip) -> VipSpec {
+    /// How this node carries `vip`: on the cluster interface, behind the
+    /// virtual MAC if one is configured.
+    pub fn spec(&self, vip: &Vip) -> VipSpec {
         let spec = VipSpec::new(vip.addr, vip.prefix_len, self.interface.clone());
         match self.vrid {
             Some(vrid) => spec.with_vmac(vrid),

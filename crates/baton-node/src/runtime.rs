@@ -302,8 +302,18 @@ async fn accept_any(listeners: &[Arc<TcpListener>]) -> std::io::Result<(TcpStrea
     .await
 }
 
-fn connection_id(peer: SocketAddr) -> ConnId {
-    crate::echo_host::connection_id(peer)
+/// The peer as the service sees it: a dual-stack listener reports IPv4
+/// clients as v4-mapped IPv6 addresses.
+fn canonical(peer: SocketAddr) -> SocketAddr {
+    SocketAddr::new(peer.ip().to_canonical(), peer.port())
+}
+
+/// The id of a connection, the same on every node: derived from the
+/// client's address (unique per VIP and port at any time).
+pub fn connection_id(peer: SocketAddr) -> ConnId {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(canonical(peer).to_string().as_bytes());
+    u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
 }
 
 async fn run(
@@ -357,7 +367,7 @@ async fn run(
                     let _ = stream.set_nodelay(true);
                     let id = connection_id(peer);
                     lp.add_conn(id, stream, ConnState::default());
-                    let outputs = lp.append(Event::Opened { conn: id, peer: SocketAddr::new(peer.ip().to_canonical(), peer.port()) });
+                    let outputs = lp.append(Event::Opened { conn: id, peer: canonical(peer) });
                     lp.deliver(outputs);
                 }
                 Err(e) => tracing::warn!(error = %e, "accept failed"),
@@ -398,7 +408,7 @@ async fn hand_off(
         lp.add_conn(id, stream, ConnState::default());
         let outputs = lp.append(Event::Opened {
             conn: id,
-            peer: SocketAddr::new(peer.ip().to_canonical(), peer.port()),
+            peer: canonical(peer),
         });
         lp.deliver(outputs);
     }

@@ -167,3 +167,51 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         BenchCommand::Overhead(a) => overhead::run(a.sizes()?, a.json, a.out),
     }
 }
+
+/// Prints a scenario's result lines: one JSON object per line with
+/// `--json`, else a table with one column per line (named by `column`) and
+/// one row per metric of `keys`.
+fn emit(
+    lines: &[serde_json::Value],
+    json: bool,
+    column: impl Fn(&serde_json::Value) -> String,
+    keys: &[&str],
+) {
+    if json {
+        for l in lines {
+            println!("{l}");
+        }
+        return;
+    }
+    print!("{:<34}", "metric (median)");
+    for l in lines {
+        print!("{:>16}", column(l));
+    }
+    println!();
+    for key in keys {
+        print!("{key:<34}");
+        for l in lines {
+            match l[*key].as_f64() {
+                Some(v) => print!("{v:>16.3}"),
+                None => print!("{:>16}", "-"),
+            }
+        }
+        println!();
+    }
+}
+
+/// Writes a scenario's report into `dir` and says where (unless the output
+/// is JSON).
+fn write_report(
+    dir: &std::path::Path,
+    main_file: &str,
+    json: bool,
+    write: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    use anyhow::Context;
+    write().with_context(|| format!("writing the report to {}", dir.display()))?;
+    if !json {
+        println!("report: {}", dir.join(main_file).display());
+    }
+    Ok(())
+}

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use baton_lab::Lab;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::progress::Progress;
 use super::relocate::{latencies, measure, ops_per_s, Sizes};
@@ -155,34 +155,16 @@ pub fn run(sizes: Sizes, json_out: bool, out: Option<PathBuf>) -> Result<i32> {
             "baton_client_errors": med(p, baton, |r| r.errors as f64),
         }));
     }
-    if json_out {
-        for l in &lines {
-            println!("{l}");
-        }
-    } else {
-        print_table(&lines);
-    }
+    super::emit(
+        &lines,
+        json_out,
+        |l| format!("pipeline {}", l["pipeline"]),
+        &KEYS[6..],
+    );
     if let Some(dir) = out {
-        super::report::overhead(&dir, &sizes, &lines, &runs)
-            .with_context(|| format!("writing the report to {}", dir.display()))?;
-        if !json_out {
-            println!("report: {}", dir.join("overhead.md").display());
-        }
+        super::write_report(&dir, "overhead.md", json_out, || {
+            super::report::overhead(&dir, &sizes, &lines, &runs)
+        })?;
     }
     Ok(0)
-}
-
-fn print_table(lines: &[Value]) {
-    print!("{:<24}", "metric (median)");
-    for l in lines {
-        print!("{:>16}", format!("pipeline {}", l["pipeline"]));
-    }
-    println!();
-    for key in &KEYS[6..] {
-        print!("{key:<24}");
-        for l in lines {
-            print!("{:>16.3}", l[*key].as_f64().unwrap_or(0.0));
-        }
-        println!();
-    }
 }

@@ -386,54 +386,28 @@ pub fn run(sizes: Sizes, json_out: bool, out: Option<PathBuf>) -> Result<i32> {
         .iter()
         .map(|((p, s), ms)| summary(&sizes, *s, *p, ms))
         .collect();
-    if json_out {
-        for l in &lines {
-            println!("{l}");
-        }
-    } else {
-        print_table(&lines);
-    }
+    super::emit(
+        &lines,
+        json_out,
+        |l| {
+            format!(
+                "{} p{}",
+                l["system"].as_str().unwrap_or("?"),
+                l["pipeline"].as_u64().unwrap_or(0)
+            )
+        },
+        METRIC_KEYS,
+    );
     if let Some(dir) = out {
-        super::report::relocate(&dir, &sizes, &lines, &runs)
-            .with_context(|| format!("writing the report to {}", dir.display()))?;
-        if !json_out {
-            println!("report: {}", dir.join("report.md").display());
-        }
+        super::write_report(&dir, "report.md", json_out, || {
+            super::report::relocate(&dir, &sizes, &lines, &runs)
+        })?;
     }
     let failed = runs.iter().any(|m| m.connections_not_recovered > 0);
     if failed && !json_out {
         eprintln!("note: some connections never got a reply after the switch");
     }
     Ok(0)
-}
-
-/// A plain-text table: one column per system and pipeline depth.
-pub fn print_table(lines: &[Value]) {
-    let header: Vec<String> = lines
-        .iter()
-        .map(|l| {
-            format!(
-                "{} p{}",
-                l["system"].as_str().unwrap_or("?"),
-                l["pipeline"].as_u64().unwrap_or(0)
-            )
-        })
-        .collect();
-    print!("{:<34}", "metric (median)");
-    for h in &header {
-        print!("{h:>16}");
-    }
-    println!();
-    for key in METRIC_KEYS {
-        print!("{key:<34}");
-        for l in lines {
-            match l[*key].as_f64() {
-                Some(v) => print!("{v:>16.3}"),
-                None => print!("{:>16}", "-"),
-            }
-        }
-        println!();
-    }
 }
 
 /// Checks the sizes make sense.
