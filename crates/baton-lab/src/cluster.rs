@@ -29,11 +29,19 @@ pub struct ServiceSpec {
     pub preferred_node: String,
 }
 
+/// Node settings the cluster writes into every node's configuration.
+#[derive(Debug, Clone, Default)]
+pub struct NodeOptions {
+    /// VRRP router id: VIPs ride its virtual MAC.
+    pub vrid: Option<u8>,
+}
+
 /// A running cluster; dropping it stops the nodes (and the lab, if owned).
 pub struct Cluster {
     pub lab: Lab,
     bin: PathBuf,
     services: Vec<ServiceSpec>,
+    options: NodeOptions,
     pids: BTreeMap<String, u32>,
     keep: bool,
 }
@@ -42,10 +50,21 @@ impl Cluster {
     /// Writes a configuration for every node of `lab` and starts
     /// `bin node --config ...` in each; returns once all answer.
     pub fn start(lab: Lab, bin: &Path, services: &[ServiceSpec]) -> Result<Cluster, LabError> {
+        Cluster::start_with(lab, bin, services, NodeOptions::default())
+    }
+
+    /// [`Cluster::start`] with node settings of its own.
+    pub fn start_with(
+        lab: Lab,
+        bin: &Path,
+        services: &[ServiceSpec],
+        options: NodeOptions,
+    ) -> Result<Cluster, LabError> {
         let mut cluster = Cluster {
             lab,
             bin: bin.to_owned(),
             services: services.to_vec(),
+            options,
             pids: BTreeMap::new(),
             keep: false,
         };
@@ -84,6 +103,9 @@ impl Cluster {
             "node = \"{node}\"\ninterface = \"eth0\"\nstate_dir = \"{}\"\n\n[peers]\n",
             dir.display()
         );
+        if let Some(vrid) = self.options.vrid {
+            text.insert_str(0, &format!("vrid = {vrid}\n"));
+        }
         for h in self.lab.hosts().iter().filter(|h| h.role == Role::Node) {
             let addr = std::net::SocketAddr::new(IpAddr::V4(h.ipv4), PEER_PORT);
             text.push_str(&format!("{} = \"{addr}\"\n", h.name));

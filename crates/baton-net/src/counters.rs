@@ -14,6 +14,10 @@ pub struct TcpCounters {
     pub attempt_fails: u64,
     /// Sum of `TcpExt: TCPAbortOn*` and `TCPAbortFailed`: connections aborted.
     pub aborts: u64,
+    /// `TcpExt: PAWSEstab`: segments of established connections dropped
+    /// because their timestamp was older than one seen before (a move that
+    /// let a timestamp go backwards).
+    pub paws_estab: u64,
 }
 
 /// Every counter of `/proc/net/snmp` and `/proc/net/netstat` of the calling
@@ -43,6 +47,7 @@ impl TcpCounters {
                 })
                 .map(|(_, v)| *v)
                 .sum(),
+            paws_estab: get("TcpExt:PAWSEstab"),
         })
     }
 
@@ -51,6 +56,11 @@ impl TcpCounters {
         (self.out_rsts - earlier.out_rsts.min(self.out_rsts))
             + (self.estab_resets - earlier.estab_resets.min(self.estab_resets))
             + (self.aborts - earlier.aborts.min(self.aborts))
+    }
+
+    /// How many segments PAWS dropped between `earlier` and `self`.
+    pub fn paws_drops_since(&self, earlier: &TcpCounters) -> u64 {
+        self.paws_estab.saturating_sub(earlier.paws_estab)
     }
 }
 

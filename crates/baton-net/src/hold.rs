@@ -143,8 +143,25 @@ fn iptables(
     args: &[String],
     netns: Option<&File>,
 ) -> Result<String, HoldError> {
+    run_tool(tool, args, None, netns)
+}
+
+/// Runs an iptables tool, feeding it `stdin` if given; returns stdout.
+fn run_tool(
+    tool: &'static str,
+    args: &[String],
+    stdin: Option<&[u8]>,
+    netns: Option<&File>,
+) -> Result<String, HoldError> {
     let mut cmd = Command::new(tool);
     cmd.args(args);
+    cmd.stdin(if stdin.is_some() {
+        std::process::Stdio::piped()
+    } else {
+        std::process::Stdio::null()
+    });
+    cmd.stdout(std::process::Stdio::piped());
+    cmd.stderr(std::process::Stdio::piped());
     if let Some(ns) = netns {
         let fd = ns.as_raw_fd();
         // SAFETY: setns(2) is async-signal-safe; fd stays open until exec.
@@ -152,7 +169,7 @@ fn iptables(
             cmd.pre_exec(move || cvt(libc::setns(fd, libc::CLONE_NEWNET)).map(|_| ()));
         }
     }
-    let out = cmd.output().map_err(|e| match e.kind() {
+    let spawn_err = |e: io::Error| match e.kind() {
         io::ErrorKind::NotFound => HoldError::MissingTool(tool),
         io::ErrorKind::PermissionDenied => HoldError::PermissionDenied(format!("run {tool}")),
         _ => HoldError::Iptables {
@@ -160,7 +177,14 @@ fn iptables(
             args: args.join(" "),
             stderr: e.to_string(),
         },
-    })?;
+    };
+    let mut child = cmd.spawn().map_err(spawn_err)?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        use std::io::Write;
+        // A tool that exits early closes the pipe; its status tells why.
+        let _ = pipe.write_all(input);
+    }
+    let out = child.wait_with_output().map_err(spawn_err)?;
     if out.status.success() {
         return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
     }
@@ -184,37 +208,17 @@ fn iptables(
     })
 }
 
-/// The match and target part of each rule for `vip`.
-fn rule_specs(vip: IpAddr, ports: &Ports, queue_num: u16) -> Vec<Vec<String>> {
-    let base = |port_match: Vec<String>| {
-        let mut spec: Vec<String> = vec!["-d".into(), vip.to_string(), "-p".into(), "tcp".into()];
-        spec.extend(port_match);
-        // Segments a thaw injects on the peer's behalf (its FIN) must reach
-        // the socket being rebuilt, hold or not.
-        spec.extend([
-            "-m".to_string(),
-            "mark".into(),
-            "!".into(),
-            "--mark".into(),
-            format!("{INJECT_MARK:#x}"),
-        ]);
-        spec.extend(
-            [
-                "-m",
-                "comment",
-                "--comment",
-                &format!("{HOLD_COMMENT_PREFIX}{vip}"),
-                "-j",
-                "NFQUEUE",
-                "--queue-num",
-                &queue_num.to_string(),
-            ]
-            .map(String::from),
-        );
-        spec
-    };
+/// One rule of a hold: its chain of the raw table, and its match and target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Rule {
+    chain: &'static str,
+    spec: Vec<String>,
+}
+
+/// Port matches for `ports` (`--dport`/`--sport`, or multiport in chunks).
+fn port_matches(ports: &Ports, direction: &str) -> Vec<Vec<String>> {
     match ports {
-        Ports::AllTcp => vec![base(vec![])],
+        Ports::AllTcp => vec![vec![]],
         Ports::Tcp(list) => {
             let mut list = list.clone();
             list.sort_unstable();
@@ -222,19 +226,19 @@ fn rule_specs(vip: IpAddr, ports: &Ports, queue_num: u16) -> Vec<Vec<String>> {
             list.chunks(MULTIPORT_MAX)
                 .map(|chunk| {
                     if let [one] = chunk {
-                        base(vec!["--dport".into(), one.to_string()])
+                        vec![format!("--{direction}"), one.to_string()]
                     } else {
                         let joined = chunk
                             .iter()
                             .map(u16::to_string)
                             .collect::<Vec<_>>()
                             .join(",");
-                        base(vec![
+                        vec![
                             "-m".into(),
                             "multiport".into(),
-                            "--dports".into(),
+                            format!("--{direction}s"),
                             joined,
-                        ])
+                        ]
                     }
                 })
                 .collect()
@@ -242,20 +246,121 @@ fn rule_specs(vip: IpAddr, ports: &Ports, queue_num: u16) -> Vec<Vec<String>> {
     }
 }
 
-fn raw_prerouting(op: &str, spec: &[String]) -> Vec<String> {
-    let mut args: Vec<String> = ["-w", "-t", "raw", op, "PREROUTING"]
+fn comment(vip: IpAddr) -> [String; 4] {
+    [
+        "-m".into(),
+        "comment".into(),
+        "--comment".into(),
+        format!("{HOLD_COMMENT_PREFIX}{vip}"),
+    ]
+}
+
+/// The rules that queue `vip`'s incoming TCP traffic to `queue_num`.
+fn ingress_rules(vip: IpAddr, ports: &Ports, queue_num: u16) -> Vec<Rule> {
+    port_matches(ports, "dport")
+        .into_iter()
+        .map(|port_match| {
+            let mut spec: Vec<String> =
+                vec!["-d".into(), vip.to_string(), "-p".into(), "tcp".into()];
+            spec.extend(port_match);
+            // Segments a thaw injects on the peer's behalf (its FIN) must
+            // reach the socket being rebuilt, hold or not.
+            spec.extend([
+                "-m".to_string(),
+                "mark".into(),
+                "!".into(),
+                "--mark".into(),
+                format!("{INJECT_MARK:#x}"),
+            ]);
+            spec.extend(comment(vip));
+            spec.extend(["-j", "NFQUEUE", "--queue-num", &queue_num.to_string()].map(String::from));
+            Rule {
+                chain: "PREROUTING",
+                spec,
+            }
+        })
+        .collect()
+}
+
+/// The rules that drop `vip`'s outgoing TCP traffic: a socket in repair
+/// mode still fires its retransmission and loss-probe timers, and whatever
+/// it sent after its freeze would carry a newer timestamp than the one its
+/// thawed copy starts from (the client would drop the copy's segments as
+/// PAWS failures). CRIU's network lock drops both directions likewise.
+fn egress_rules(vip: IpAddr, ports: &Ports) -> Vec<Rule> {
+    port_matches(ports, "sport")
+        .into_iter()
+        .map(|port_match| {
+            let mut spec: Vec<String> =
+                vec!["-s".into(), vip.to_string(), "-p".into(), "tcp".into()];
+            spec.extend(port_match);
+            spec.extend(comment(vip));
+            spec.extend(["-j", "DROP"].map(String::from));
+            Rule {
+                chain: "OUTPUT",
+                spec,
+            }
+        })
+        .collect()
+}
+
+/// Applies `op` (`-I` inserts at the top, `-D` deletes) to `rules` in one
+/// `iptables-restore --noflush` run: one process instead of one per rule,
+/// and all or nothing.
+fn apply_rules(
+    tool: &'static str,
+    op: &str,
+    rules: &[Rule],
+    netns: Option<&File>,
+) -> Result<(), HoldError> {
+    if rules.is_empty() {
+        return Ok(());
+    }
+    let mut script = String::from("*raw\n");
+    for rule in rules {
+        script.push_str(op);
+        script.push(' ');
+        script.push_str(rule.chain);
+        if op == "-I" {
+            script.push_str(" 1");
+        }
+        for word in &rule.spec {
+            script.push(' ');
+            if word.contains(' ') {
+                script.push('"');
+                script.push_str(word);
+                script.push('"');
+            } else {
+                script.push_str(word);
+            }
+        }
+        script.push('\n');
+    }
+    script.push_str("COMMIT\n");
+    let restore = match tool {
+        "iptables" => "iptables-restore",
+        _ => "ip6tables-restore",
+    };
+    run_tool(
+        restore,
+        &["-w".into(), "--noflush".into()],
+        Some(script.as_bytes()),
+        netns,
+    )
+    .map(|_| ())
+}
+
+fn raw_chain(op: &str, rule: &Rule) -> Vec<String> {
+    let mut args: Vec<String> = ["-w", "-t", "raw", op, rule.chain]
         .map(String::from)
         .to_vec();
-    if op == "-I" {
-        args.push("1".into());
-    }
-    args.extend_from_slice(spec);
+    args.extend_from_slice(&rule.spec);
     args
 }
 
 /// Deletes one rule; a rule already gone is fine.
-fn delete_rule(tool: &'static str, spec: &[String], netns: Option<&File>) -> Result<(), HoldError> {
-    match iptables(tool, &raw_prerouting("-D", spec), netns) {
+fn delete_rule(tool: &'static str, rule: &Rule, netns: Option<&File>) -> Result<(), HoldError> {
+    match iptables(tool, &raw_chain("-D", rule), netns) {
         Ok(_) => Ok(()),
         Err(HoldError::Iptables { stderr, .. })
             if stderr.contains("does a matching rule exist")
@@ -267,52 +372,74 @@ fn delete_rule(tool: &'static str, spec: &[String], netns: Option<&File>) -> Res
     }
 }
 
-/// Removes every `baton-hold:` rule of the raw PREROUTING chains (IPv4 and
-/// IPv6) of the calling thread's namespace, as left by a crashed run; returns
+/// Deletes `rules`: all in one run, or one by one if some are gone already.
+fn delete_rules(tool: &'static str, rules: &[Rule], netns: Option<&File>) -> Result<(), HoldError> {
+    if apply_rules(tool, "-D", rules, netns).is_ok() {
+        return Ok(());
+    }
+    let mut first = None;
+    for rule in rules {
+        if let Err(e) = delete_rule(tool, rule, netns) {
+            first.get_or_insert(e);
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
+/// The chains of the raw table our rules live in.
+const CHAINS: [&str; 2] = ["PREROUTING", "OUTPUT"];
+
+/// Removes every `baton-hold:` rule of the raw PREROUTING and OUTPUT chains
+/// (IPv4 and IPv6) of the calling thread's namespace, as left by a crashed run; returns
 /// how many. Idempotent. Removes the rules of live holds too: call it at
 /// start-up, before installing any.
 pub fn sweep() -> Result<usize, HoldError> {
     ensure_not_root_netns()?;
     let mut removed = 0;
     for tool in ["iptables", "ip6tables"] {
-        let listing = iptables(
-            tool,
-            &["-w", "-t", "raw", "-S", "PREROUTING"].map(String::from),
-            None,
-        )?;
-        for line in listing.lines() {
-            if !line.starts_with("-A PREROUTING ") || !line.contains(HOLD_COMMENT_PREFIX) {
-                continue;
+        for chain in CHAINS {
+            let listing = iptables(
+                tool,
+                &["-w", "-t", "raw", "-S", chain].map(String::from),
+                None,
+            )?;
+            for line in listing.lines() {
+                if !line.starts_with(&format!("-A {chain} ")) || !line.contains(HOLD_COMMENT_PREFIX)
+                {
+                    continue;
+                }
+                // Our rules hold no spaces inside arguments; -S only quotes the comment.
+                let spec: Vec<String> = line
+                    .split_whitespace()
+                    .skip(2)
+                    .map(|t| t.trim_matches('"').to_owned())
+                    .collect();
+                delete_rule(tool, &Rule { chain, spec }, None)?;
+                removed += 1;
             }
-            // Our rules hold no spaces inside arguments; -S only quotes the comment.
-            let spec: Vec<String> = line
-                .split_whitespace()
-                .skip(2)
-                .map(|t| t.trim_matches('"').to_owned())
-                .collect();
-            delete_rule(tool, &spec, None)?;
-            removed += 1;
         }
     }
     Ok(removed)
 }
 
-/// The `baton-hold:` rules currently in the raw PREROUTING chains of the
-/// calling thread's namespace, as `iptables -S` prints them.
+/// The `baton-hold:` rules currently in the raw PREROUTING and OUTPUT
+/// chains of the calling thread's namespace, as `iptables -S` prints them.
 pub fn list_rules() -> Result<Vec<String>, HoldError> {
     let mut rules = Vec::new();
     for tool in ["iptables", "ip6tables"] {
-        let listing = iptables(
-            tool,
-            &["-w", "-t", "raw", "-S", "PREROUTING"].map(String::from),
-            None,
-        )?;
-        rules.extend(
-            listing
-                .lines()
-                .filter(|l| l.contains(HOLD_COMMENT_PREFIX))
-                .map(str::to_owned),
-        );
+        for chain in CHAINS {
+            let listing = iptables(
+                tool,
+                &["-w", "-t", "raw", "-S", chain].map(String::from),
+                None,
+            )?;
+            rules.extend(
+                listing
+                    .lines()
+                    .filter(|l| l.contains(HOLD_COMMENT_PREFIX))
+                    .map(str::to_owned),
+            );
+        }
     }
     Ok(rules)
 }
@@ -414,7 +541,9 @@ pub struct Hold {
     vip: IpAddr,
     queue_num: u16,
     tool: &'static str,
-    rules: Vec<Vec<String>>,
+    rules: Vec<Rule>,
+    /// The egress rules, while the hold silences the VIP's sockets.
+    silence: Vec<Rule>,
     commands: Option<mpsc::Sender<Cmd>>,
     thread: Option<JoinHandle<()>>,
     count: Arc<AtomicUsize>,
@@ -430,6 +559,7 @@ impl std::fmt::Debug for Hold {
             .field("vip", &self.vip)
             .field("queue_num", &self.queue_num)
             .field("rules", &self.rules.len())
+            .field("silenced", &!self.silence.is_empty())
             .field("held", &self.held())
             .finish()
     }
@@ -467,8 +597,28 @@ impl Hold {
         ports: impl Into<Ports>,
         queue_num: u16,
     ) -> Result<Hold, HoldError> {
+        Hold::install_rules(vip, ports.into(), queue_num, false)
+    }
+
+    /// [`Hold::install`], and the VIP's own sockets (`ports` as source
+    /// ports) fall silent: nothing they send leaves this host until
+    /// [`Hold::unsilence`] or the end of the hold. A source installs this
+    /// before it freezes its sockets.
+    pub fn install_silenced(
+        vip: IpAddr,
+        ports: impl Into<Ports>,
+        queue_num: u16,
+    ) -> Result<Hold, HoldError> {
+        Hold::install_rules(vip, ports.into(), queue_num, true)
+    }
+
+    fn install_rules(
+        vip: IpAddr,
+        ports: Ports,
+        queue_num: u16,
+        silence: bool,
+    ) -> Result<Hold, HoldError> {
         ensure_not_root_netns()?;
-        let ports = ports.into();
         if let Ports::Tcp(list) = &ports {
             if list.contains(&0) {
                 return Err(HoldError::PortZero);
@@ -479,7 +629,12 @@ impl Hold {
         }
         let tool = tool_for(vip);
         let netns = File::open("/proc/thread-self/ns/net").map_err(HoldError::NamespaceCheck)?;
-        let rules = rule_specs(vip, &ports, queue_num);
+        let rules = ingress_rules(vip, &ports, queue_num);
+        let silence = if silence {
+            egress_rules(vip, &ports)
+        } else {
+            Vec::new()
+        };
 
         let mut queue = nfq::Queue::open().map_err(queue_err(queue_num, "open"))?;
         grow_queue_socket_buffers();
@@ -521,17 +676,19 @@ impl Hold {
             queue_num,
             tool,
             rules: Vec::new(),
+            silence: Vec::new(),
             commands: Some(tx),
             thread: Some(thread),
             count,
             installed_at: Instant::now(),
             netns,
         };
-        for spec in rules {
-            // On error, dropping `hold` removes the rules already in.
-            iptables(tool, &raw_prerouting("-I", &spec), Some(&hold.netns))?;
-            hold.rules.push(spec);
-        }
+        // Silence first: it must be in place before the ingress rules make
+        // anyone freeze a socket. One run for all, all or nothing.
+        let all: Vec<Rule> = silence.iter().chain(&rules).cloned().collect();
+        apply_rules(tool, "-I", &all, Some(&hold.netns))?;
+        hold.rules = rules;
+        hold.silence = silence;
         hold.installed_at = Instant::now();
         Ok(hold)
     }
@@ -604,14 +761,25 @@ impl Hold {
     }
 
     fn remove_rules(&mut self) -> Result<(), HoldError> {
-        let mut first = None;
-        for spec in std::mem::take(&mut self.rules) {
-            if let Err(e) = delete_rule(self.tool, &spec, Some(&self.netns)) {
-                tracing::warn!(vip = %self.vip, error = %e, "removing a hold rule");
-                first.get_or_insert(e);
-            }
+        let mut rules = std::mem::take(&mut self.rules);
+        rules.append(&mut self.silence);
+        let result = delete_rules(self.tool, &rules, Some(&self.netns));
+        if let Err(e) = &result {
+            tracing::warn!(vip = %self.vip, error = %e, "removing the hold rules");
         }
-        first.map_or(Ok(()), Err)
+        result
+    }
+
+    /// Lets the VIP's sockets send again (a rollback, before the frozen
+    /// sockets resume); the incoming traffic stays held.
+    pub fn unsilence(&mut self) -> Result<(), HoldError> {
+        let silence = std::mem::take(&mut self.silence);
+        delete_rules(self.tool, &silence, Some(&self.netns))
+    }
+
+    /// Whether the VIP's sockets are silenced.
+    pub fn silenced(&self) -> bool {
+        !self.silence.is_empty()
     }
 
     fn stop_reader(&mut self) {

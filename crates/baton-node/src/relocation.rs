@@ -112,10 +112,26 @@ fn pending_announcements() -> std::sync::MutexGuard<
 /// previous move's hold may still be winding down in the background.
 const HOLD_QUEUES: u16 = 8;
 
-fn install_hold(cfg: &MoveConfig, vip: &Vip) -> Result<Hold, HoldError> {
+/// Which side of a move a hold is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HoldFor {
+    /// The source: incoming traffic held, and its sockets silenced, so
+    /// nothing leaves a frozen socket.
+    Source,
+    /// The target: incoming traffic held (its thawed sockets are silent
+    /// until they go live).
+    Target,
+}
+
+fn install_hold(cfg: &MoveConfig, vip: &Vip, side: HoldFor) -> Result<Hold, HoldError> {
     let mut last = None;
     for offset in 0..HOLD_QUEUES {
-        match Hold::install(vip.addr, ports(vip), cfg.queue_num.wrapping_add(offset)) {
+        let queue = cfg.queue_num.wrapping_add(offset);
+        let installed = match side {
+            HoldFor::Source => Hold::install_silenced(vip.addr, ports(vip), queue),
+            HoldFor::Target => Hold::install(vip.addr, ports(vip), queue),
+        };
+        match installed {
             Ok(hold) => return Ok(hold),
             Err(e @ HoldError::Queue { op, .. }) if op.starts_with("bind") => last = Some(e),
             Err(e) => return Err(e),
@@ -282,7 +298,7 @@ where
     if let Some(pending) = pending_announcements().remove(&key) {
         pending.abort();
     }
-    let hold = install_hold(cfg, vip).map_err(|e| fail(e.into()))?;
+    let hold = install_hold(cfg, vip, HoldFor::Source).map_err(|e| fail(e.into()))?;
     let Handoff {
         service,
         conns: parked,
@@ -452,13 +468,17 @@ fn close_silently(fd: OwnedFd) {
 async fn roll_back(
     cfg: &MoveConfig,
     vip: &Vip,
-    hold: Hold,
+    mut hold: Hold,
     service: Vec<u8>,
     frozen: Vec<(Parked, TcpConnState)>,
     mut kept: Vec<Parked>,
     error: MoveError,
 ) -> MoveFailure {
     tracing::warn!(vip = %vip.addr, error = %error, "move failed; the source keeps serving");
+    // The sockets' first words after the freeze (a window probe) must go out.
+    if let Err(e) = hold.unsilence() {
+        tracing::error!(error = %e, "letting the VIP's sockets send again on rollback");
+    }
     for (p, _) in frozen {
         if let Err(e) = repair::resume(p.stream.as_fd()) {
             tracing::error!(id = p.id, error = %e, "cannot resume a frozen connection");
@@ -600,7 +620,7 @@ async fn take_in(
         states.push((c.id, state, c.app));
     }
     let t0 = Instant::now();
-    let hold = install_hold(cfg, vip)?;
+    let hold = install_hold(cfg, vip, HoldFor::Target)?;
     let t1 = Instant::now();
     let spec = cfg.spec(vip);
     let taken = vip::take_address(&spec).await?;
