@@ -759,15 +759,24 @@ where
             }
         }
     }
-    // Held packets in, then the source's, then the rules go in the
-    // background: packets arriving meanwhile are let in with them.
-    let held_packets = hold.accept_all()?;
+    // Packets in the order the clients sent them: first those the source
+    // held (sent before the clients learned our MAC), then our own. The
+    // other way round, a client's older segments would arrive after its
+    // newer ones and be dropped by our PAWS check (their timestamps are
+    // older), and the client would have to send them again.
+    let injected_packets = hold::inject(&held_from_source).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "re-injecting the packets the source held");
+        0
+    });
+    let held_packets = hold.accept_all().unwrap_or_else(|e| {
+        tracing::error!(error = %e, "letting in the packets held here");
+        0
+    });
     if let Some((full, undelivered)) = hold::queue_drops(hold.queue_num()) {
         if full + undelivered > 0 {
             tracing::warn!(full, undelivered, "the hold's queue dropped packets");
         }
     }
-    let injected_packets = hold::inject(&held_from_source)?;
     adopt(parked);
     let done = MoveMessage::Done { move_id };
     session.on_send(&done)?;
