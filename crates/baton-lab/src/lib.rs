@@ -20,6 +20,7 @@
 //! `198.18.1.12` and `fd00:198:18::1:12`).
 
 pub mod cluster;
+mod deadline;
 mod host;
 mod shell;
 
@@ -33,6 +34,7 @@ use std::sync::Mutex;
 use serde::Serialize;
 
 pub use baton_net::counters::TcpCounters;
+pub use deadline::Deadline;
 pub use host::{Host, Role};
 use shell::{ip, ip_json};
 
@@ -280,6 +282,7 @@ impl Lab {
             children: Mutex::new(Vec::new()),
             keep: false,
         };
+        deadline::lab_created(name);
         // On error `lab` is dropped here, which removes what was made.
         lab.build()?;
         Ok(lab)
@@ -389,6 +392,7 @@ impl Lab {
     /// handle is dropped.
     pub fn keep_running(&mut self) {
         self.keep = true;
+        deadline::lab_gone(&self.name);
         // Forget the children: they go on, `baton lab down` ends them.
         self.children
             .lock()
@@ -613,6 +617,7 @@ impl Lab {
     pub fn remove(mut self) -> Result<(), LabError> {
         self.keep = true;
         self.kill_children();
+        deadline::lab_gone(&self.name);
         down(&self.name)
     }
 
@@ -634,6 +639,7 @@ impl Drop for Lab {
             return;
         }
         self.kill_children();
+        deadline::lab_gone(&self.name);
         if let Err(e) = down(&self.name) {
             tracing::warn!(lab = %self.name, error = %e, "removing the lab failed");
         }

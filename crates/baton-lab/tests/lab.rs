@@ -83,6 +83,10 @@ fn reaches_again(lab: &Lab, from: &str, to: &str, v6: bool) -> bool {
 
 #[test]
 fn two_labs_side_by_side_every_host_reaches_every_other() {
+    let _deadline = baton_lab::Deadline::start(
+        "two_labs_side_by_side_every_host_reaches_every_other",
+        std::time::Duration::from_secs(120),
+    );
     let a = Lab::create(&Lab::unique_name("la"), 3, 2).unwrap();
     let b = Lab::create(&Lab::unique_name("lb"), 2, 1).unwrap();
     for lab in [&a, &b] {
@@ -116,6 +120,10 @@ fn two_labs_side_by_side_every_host_reaches_every_other() {
 
 #[test]
 fn isolate_cuts_a_host_off_and_heal_restores_it() {
+    let _deadline = baton_lab::Deadline::start(
+        "isolate_cuts_a_host_off_and_heal_restores_it",
+        std::time::Duration::from_secs(120),
+    );
     let lab = Lab::create(&Lab::unique_name("fi"), 2, 1).unwrap();
     let pid = lab
         .spawn({
@@ -145,6 +153,10 @@ fn isolate_cuts_a_host_off_and_heal_restores_it() {
 
 #[test]
 fn crash_kills_every_process_and_takes_the_link_down() {
+    let _deadline = baton_lab::Deadline::start(
+        "crash_kills_every_process_and_takes_the_link_down",
+        std::time::Duration::from_secs(120),
+    );
     let lab = Lab::create(&Lab::unique_name("cr"), 2, 1).unwrap();
     let sleeper = |host: &str, secs: &str| {
         let mut c = lab.command(host, "sleep").unwrap();
@@ -176,6 +188,10 @@ fn crash_kills_every_process_and_takes_the_link_down() {
 
 #[test]
 fn a_name_in_use_is_refused_and_nothing_is_left_behind() {
+    let _deadline = baton_lab::Deadline::start(
+        "a_name_in_use_is_refused_and_nothing_is_left_behind",
+        std::time::Duration::from_secs(120),
+    );
     let name = Lab::unique_name("du");
     let lab = Lab::create(&name, 1, 0).unwrap();
     let err = Lab::create(&name, 1, 0).unwrap_err().to_string();
@@ -191,6 +207,10 @@ fn a_name_in_use_is_refused_and_nothing_is_left_behind() {
 
 #[test]
 fn a_lab_is_removed_when_the_test_panics() {
+    let _deadline = baton_lab::Deadline::start(
+        "a_lab_is_removed_when_the_test_panics",
+        std::time::Duration::from_secs(120),
+    );
     let name = Lab::unique_name("pa");
     let inner = name.clone();
     let result = std::panic::catch_unwind(move || {
@@ -203,6 +223,10 @@ fn a_lab_is_removed_when_the_test_panics() {
 
 #[test]
 fn vips_are_outside_host_addresses() {
+    let _deadline = baton_lab::Deadline::start(
+        "vips_are_outside_host_addresses",
+        std::time::Duration::from_secs(120),
+    );
     let (v4, v6) = Lab::vip(1);
     let lab = Lab::create(&Lab::unique_name("vi"), 1, 1).unwrap();
     for h in lab.hosts() {

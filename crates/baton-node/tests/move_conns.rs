@@ -229,25 +229,37 @@ fn stream_moving_around(v6: bool, total: u64, vrid: Option<u8>) {
 
 #[test]
 fn a_full_speed_stream_follows_its_server_around_three_nodes() {
+    let _deadline = baton_lab::Deadline::start(
+        "a_full_speed_stream_follows_its_server_around_three_nodes",
+        std::time::Duration::from_secs(180),
+    );
     stream_moving_around(false, 200 << 20, None);
 }
 
 #[test]
 fn ipv6_stream_follows_its_server() {
+    let _deadline = baton_lab::Deadline::start(
+        "ipv6_stream_follows_its_server",
+        std::time::Duration::from_secs(180),
+    );
     stream_moving_around(true, 64 << 20, None);
 }
 
-/// Fails about one run in four: after a move the stream sometimes stalls
-/// for good (the bridge seems to learn the virtual MAC back on the old
-/// owner's port). Run with `cargo test -- --ignored` while that is fixed.
 #[test]
-#[ignore = "virtual-MAC moves stall intermittently; see the note in the test"]
 fn a_vip_on_a_virtual_mac_moves_with_its_stream() {
+    let _deadline = baton_lab::Deadline::start(
+        "a_vip_on_a_virtual_mac_moves_with_its_stream",
+        std::time::Duration::from_secs(180),
+    );
     stream_moving_around(false, 64 << 20, Some(51));
 }
 
 #[test]
 fn a_thousand_connections_move_at_once() {
+    let _deadline = baton_lab::Deadline::start(
+        "a_thousand_connections_move_at_once",
+        std::time::Duration::from_secs(180),
+    );
     const CONNS: usize = 1000;
     const ROUNDS: usize = 30;
     let lab = Lab::create(&Lab::unique_name("mk"), 2, 1).unwrap();
@@ -331,6 +343,10 @@ fn a_thousand_connections_move_at_once() {
 
 #[test]
 fn a_target_that_dies_mid_move_leaves_the_source_serving() {
+    let _deadline = baton_lab::Deadline::start(
+        "a_target_that_dies_mid_move_leaves_the_source_serving",
+        std::time::Duration::from_secs(180),
+    );
     let lab = Lab::create(&Lab::unique_name("mf"), 3, 1).unwrap();
     let vip = vip(false);
     let ledger = Arc::new(Ledger::default());
@@ -493,6 +509,10 @@ fn raw_pairs(lab: &Lab, vip: &Vip, n: usize) -> (Vec<TcpStream>, Vec<TcpStream>)
 
 #[test]
 fn full_queues_move_intact() {
+    let _deadline = baton_lab::Deadline::start(
+        "full_queues_move_intact",
+        std::time::Duration::from_secs(180),
+    );
     let lab = Lab::create(&Lab::unique_name("mq"), 2, 1).unwrap();
     let vip = vip(false);
     let before = lab.tcp_counters("client1").unwrap();
@@ -568,6 +588,10 @@ fn full_queues_move_intact() {
 
 #[test]
 fn half_closed_connections_move_in_both_directions() {
+    let _deadline = baton_lab::Deadline::start(
+        "half_closed_connections_move_in_both_directions",
+        std::time::Duration::from_secs(180),
+    );
     let lab = Lab::create(&Lab::unique_name("mh"), 2, 1).unwrap();
     let vip = vip(false);
     let before = lab.tcp_counters("client1").unwrap();

@@ -83,6 +83,10 @@ fn keepalived_present() -> bool {
 
 #[test]
 fn relocate_runs_and_prints_json() {
+    let _deadline = baton_lab::Deadline::start(
+        "relocate_runs_and_prints_json",
+        std::time::Duration::from_secs(300),
+    );
     if !keepalived_present() {
         return;
     }
@@ -159,6 +163,10 @@ fn relocate_runs_and_prints_json() {
 
 #[test]
 fn overhead_runs_and_prints_json() {
+    let _deadline = baton_lab::Deadline::start(
+        "overhead_runs_and_prints_json",
+        std::time::Duration::from_secs(300),
+    );
     let out = baton(
         &["bench", "overhead", "--json", "--quick", "--duration", "2"],
         Duration::from_secs(60),

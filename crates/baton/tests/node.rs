@@ -112,6 +112,10 @@ fn redis_cli(c: &Cluster, host: &str, args: &[&str]) -> String {
 
 #[test]
 fn kv_follows_moves_under_redis_benchmark() {
+    let _deadline = baton_lab::Deadline::start(
+        "kv_follows_moves_under_redis_benchmark",
+        std::time::Duration::from_secs(180),
+    );
     if !have_redis_tools() {
         panic!("redis-tools missing: run scripts/setup.sh");
     }
@@ -171,6 +175,10 @@ fn kv_follows_moves_under_redis_benchmark() {
 
 #[test]
 fn echo_streams_survive_twenty_moves() {
+    let _deadline = baton_lab::Deadline::start(
+        "echo_streams_survive_twenty_moves",
+        std::time::Duration::from_secs(180),
+    );
     let c = cluster("ne", &[service("echo", "echo", ECHO_PORT)]);
     let before = c.lab.tcp_counters("client1").unwrap();
     let addr = SocketAddr::new(vip(), ECHO_PORT);
@@ -244,6 +252,10 @@ fn echo_streams_survive_twenty_moves() {
 
 #[test]
 fn a_move_to_a_down_or_dying_node_leaves_the_service_running() {
+    let _deadline = baton_lab::Deadline::start(
+        "a_move_to_a_down_or_dying_node_leaves_the_service_running",
+        std::time::Duration::from_secs(180),
+    );
     if !have_redis_tools() {
         panic!("redis-tools missing: run scripts/setup.sh");
     }
@@ -288,6 +300,10 @@ fn a_move_to_a_down_or_dying_node_leaves_the_service_running() {
 
 #[test]
 fn a_bad_config_is_one_clear_line() {
+    let _deadline = baton_lab::Deadline::start(
+        "a_bad_config_is_one_clear_line",
+        std::time::Duration::from_secs(180),
+    );
     let dir = std::env::temp_dir().join(format!("baton-cfg-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("node.toml");
@@ -314,6 +330,10 @@ fn a_bad_config_is_one_clear_line() {
 
 #[test]
 fn a_restarted_node_does_not_take_back_a_moved_service() {
+    let _deadline = baton_lab::Deadline::start(
+        "a_restarted_node_does_not_take_back_a_moved_service",
+        std::time::Duration::from_secs(180),
+    );
     if !have_redis_tools() {
         panic!("redis-tools missing: run scripts/setup.sh");
     }
