@@ -133,6 +133,12 @@ pub enum MoveMessage {
     /// among them are never sent again by the client, so they are worth
     /// forwarding.
     Late { move_id: u64, packets: Vec<Vec<u8>> },
+    /// Source → target, on a new connection, when the control connection
+    /// broke after `Commit` was sent but before `Done` came back: did the
+    /// move commit? The target answers `Done` (it serves) or `Refused` (it
+    /// rolled back, or never heard of the move), once it knows. Outside
+    /// [`MoveSession`]: it is an exchange of its own.
+    Query { move_id: u64 },
 }
 
 impl MoveMessage {
@@ -151,7 +157,8 @@ impl MoveMessage {
             | MoveMessage::Refused { move_id, .. }
             | MoveMessage::Commit { move_id, .. }
             | MoveMessage::Done { move_id }
-            | MoveMessage::Late { move_id, .. } => *move_id,
+            | MoveMessage::Late { move_id, .. }
+            | MoveMessage::Query { move_id } => *move_id,
         }
     }
 
@@ -163,6 +170,7 @@ impl MoveMessage {
             MoveMessage::Commit { .. } => "Commit",
             MoveMessage::Done { .. } => "Done",
             MoveMessage::Late { .. } => "Late",
+            MoveMessage::Query { .. } => "Query",
         }
     }
 }

@@ -237,9 +237,12 @@ async fn serve_peer(node: Arc<Node>, mut stream: TcpStream) -> Result<(), String
     }
     if magic == MOVE_MAGIC {
         let mut taker = NodeTaker { node: node.clone() };
-        let report = relocation::accept_move(&node.moves, stream, &mut taker)
+        let Some(report) = relocation::accept_move(&node.moves, stream, &mut taker)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(());
+        };
         tracing::info!(
             connections = report.connections,
             thaw_ms = report.thaw_sockets.as_secs_f64() * 1e3,
@@ -437,7 +440,10 @@ async fn move_out(node: &Arc<Node>, service: &str, to: &str) -> Result<MoveSumma
     };
     let hand_off_rt = runtime.clone();
     let result = relocation::move_out(&node.moves, target, &vip, || async move {
-        hand_off_rt.hand_off().await.unwrap_or_default()
+        hand_off_rt
+            .hand_off()
+            .await
+            .ok_or_else(|| "the service's runtime is gone".to_string())
     })
     .await;
     let mut slots = node.slots();

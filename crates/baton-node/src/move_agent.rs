@@ -183,10 +183,10 @@ async fn run(
             AgentCommand::MoveOut { target, vip, reply } => {
                 let h = host.clone();
                 let result = relocation::move_out(&cfg.moves, target, &vip, || async move {
-                    relocation::Handoff {
+                    Ok(relocation::Handoff {
                         service: Vec::new(),
                         conns: h.hand_off().await,
-                    }
+                    })
                 })
                 .await;
                 let answer = match result {

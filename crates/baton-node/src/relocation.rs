@@ -164,6 +164,8 @@ pub enum MoveError {
     State(WireError),
     #[error("refused: {0}")]
     Refused(String),
+    #[error("the application could not hand its connections off: {0}")]
+    HandOff(String),
 }
 
 /// What an application gives up for a move, and gets back if it fails.
@@ -273,7 +275,7 @@ pub async fn move_out<F, Fut>(
 ) -> Result<MoveReport, MoveFailure>
 where
     F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = Handoff>,
+    Fut: std::future::Future<Output = Result<Handoff, String>>,
 {
     let fail = |error: MoveError| MoveFailure {
         error,
@@ -302,7 +304,16 @@ where
     let Handoff {
         service,
         conns: parked,
-    } = hand_off().await;
+    } = match hand_off().await {
+        Ok(handoff) => handoff,
+        Err(reason) => {
+            // Nothing was frozen: let the held traffic in and stop.
+            if let Err(e) = hold.release() {
+                tracing::error!(error = %e, "releasing the hold after a failed hand-off");
+            }
+            return Err(fail(MoveError::HandOff(reason)));
+        }
+    };
 
     // Freeze. A socket that cannot be frozen fails the whole move.
     let freeze_started = Instant::now();
@@ -404,17 +415,39 @@ where
     };
     let committed = session.on_send(&commit);
     debug_assert!(committed.is_ok());
-    if let Err(e) = write_message(&mut control, &commit).await {
-        tracing::error!(target = %target, error = %e, "sending Commit failed after the target was ready; its copies will serve if it got it");
+    if let Err(source) = write_message(&mut control, &commit).await {
+        // Not all of Commit reached the kernel: the target cannot have read
+        // it, and rolls back when its wait for it ends. So do we.
+        let MoveMessage::Commit { held_packets, .. } = commit else {
+            unreachable!("built above")
+        };
+        let e = MoveError::Control {
+            peer: target,
+            source,
+        };
+        return Err(roll_back_with(cfg, vip, hold, service, frozen, &held_packets, e).await);
     }
+    let MoveMessage::Commit { held_packets, .. } = commit else {
+        unreachable!("built above")
+    };
     match read_message(&mut control, cfg.step_timeout, "the target's Done").await {
         Ok(m) => {
             if let Err(e) = session.on_receive(&m) {
                 tracing::warn!(error = %e, "unexpected answer to Commit");
             }
         }
-        Err(e) => tracing::warn!(error = %e, "no Done from the target after Commit"),
+        Err(e) => {
+            // Commit left here whole, but did it arrive? Ask on a new
+            // connection; the target answers once it knows.
+            tracing::warn!(error = %e, "no Done from the target after Commit; asking it");
+            if !query_outcome(cfg, target, move_id).await {
+                return Err(
+                    roll_back_with(cfg, vip, hold, service, frozen, &held_packets, e).await,
+                );
+            }
+        }
     }
+    drop(held_packets);
     let freeze = started.elapsed();
     phases.push(("done", freeze));
     tracing::debug!(?phases, "move out");
@@ -454,6 +487,125 @@ where
     })
 }
 
+/// Lets packets the hold took (and would have forwarded) into this node's
+/// own stack, after a rollback.
+fn reinject(packets: &[Vec<u8>]) {
+    if let Err(e) = hold::inject(packets) {
+        tracing::error!(error = %e, "re-injecting held packets after a rollback");
+    }
+}
+
+/// Asks the target whether move `move_id` committed. Unreachable targets
+/// count as committed: once Commit left whole, serving here again could
+/// make two owners of the VIP, and a target that got it and died took the
+/// connections with it either way.
+async fn query_outcome(cfg: &MoveConfig, target: SocketAddr, move_id: u64) -> bool {
+    let ask = async {
+        let mut control =
+            connect_control(cfg, target)
+                .await
+                .map_err(|source| MoveError::Control {
+                    peer: target,
+                    source,
+                })?;
+        write_message(&mut control, &MoveMessage::Query { move_id })
+            .await
+            .map_err(|source| MoveError::Control {
+                peer: target,
+                source,
+            })?;
+        read_message(&mut control, cfg.step_timeout * 3, "the move's outcome").await
+    };
+    match tokio::time::timeout(cfg.step_timeout * 4, ask).await {
+        Ok(Ok(MoveMessage::Done { move_id: id })) if id == move_id => true,
+        Ok(Ok(MoveMessage::Refused {
+            move_id: id,
+            reason,
+        })) if id == move_id => {
+            tracing::warn!(reason, "the target did not commit the move; taking it back");
+            false
+        }
+        Ok(Ok(other)) => {
+            tracing::error!(answer = ?other.move_id(), "odd answer to a move query; assuming the target serves");
+            true
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "cannot ask the target about the move; assuming it serves");
+            true
+        }
+        Err(_) => {
+            tracing::error!("the target did not say how the move ended; assuming it serves");
+            true
+        }
+    }
+}
+
+/// How a move ended on its target, for a source that lost the control
+/// connection after Commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Ready was sent; Commit may still come.
+    Pending,
+    Committed,
+    RolledBack,
+}
+
+/// Outcomes of the latest moves into each node (namespace), by move id.
+fn outcomes(
+) -> std::sync::MutexGuard<'static, std::collections::VecDeque<(Option<u64>, u64, Outcome)>> {
+    static OUTCOMES: std::sync::Mutex<std::collections::VecDeque<(Option<u64>, u64, Outcome)>> =
+        std::sync::Mutex::new(std::collections::VecDeque::new());
+    OUTCOMES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How many outcomes are remembered: enough for every move under way.
+const OUTCOMES_KEPT: usize = 256;
+
+fn record_outcome(move_id: u64, outcome: Outcome) {
+    let ns = baton_net::netns::current_id();
+    let mut all = outcomes();
+    if let Some(entry) = all.iter_mut().find(|(n, id, _)| *n == ns && *id == move_id) {
+        entry.2 = outcome;
+        return;
+    }
+    if all.len() >= OUTCOMES_KEPT {
+        all.pop_front();
+    }
+    all.push_back((ns, move_id, outcome));
+}
+
+fn outcome_of(move_id: u64) -> Option<Outcome> {
+    let ns = baton_net::netns::current_id();
+    outcomes()
+        .iter()
+        .find(|(n, id, _)| *n == ns && *id == move_id)
+        .map(|(_, _, o)| *o)
+}
+
+/// Answers a source's [`MoveMessage::Query`] once the move is no longer
+/// pending here (bounded: a pending move rolls back within a step).
+async fn answer_query(cfg: &MoveConfig, control: &mut TcpStream, move_id: u64) {
+    let deadline = Instant::now() + cfg.step_timeout * 2;
+    let answer = loop {
+        match outcome_of(move_id) {
+            Some(Outcome::Committed) => break MoveMessage::Done { move_id },
+            Some(Outcome::Pending) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            other => {
+                break MoveMessage::Refused {
+                    move_id,
+                    reason: match other {
+                        None => "no such move here".into(),
+                        _ => "rolled back".into(),
+                    },
+                }
+            }
+        }
+    };
+    let _ = write_message(control, &answer).await;
+}
+
 /// Closes a socket in repair mode without a FIN or RST; one that cannot be
 /// put in repair mode is kept open (leaked) rather than reset.
 fn close_silently(fd: OwnedFd) {
@@ -468,10 +620,27 @@ fn close_silently(fd: OwnedFd) {
 async fn roll_back(
     cfg: &MoveConfig,
     vip: &Vip,
-    mut hold: Hold,
+    hold: Hold,
     service: Vec<u8>,
     frozen: Vec<(Parked, TcpConnState)>,
     mut kept: Vec<Parked>,
+    error: MoveError,
+) -> MoveFailure {
+    let mut failure = roll_back_with(cfg, vip, hold, service, frozen, &[], error).await;
+    kept.append(&mut failure.kept.conns);
+    failure.kept.conns = kept;
+    failure
+}
+
+/// [`roll_back`] after Commit was attempted: `taken` are the packets the
+/// hold had handed over for the target; they go in first, in order.
+async fn roll_back_with(
+    cfg: &MoveConfig,
+    vip: &Vip,
+    mut hold: Hold,
+    service: Vec<u8>,
+    frozen: Vec<(Parked, TcpConnState)>,
+    taken: &[Vec<u8>],
     error: MoveError,
 ) -> MoveFailure {
     tracing::warn!(vip = %vip.addr, error = %error, "move failed; the source keeps serving");
@@ -479,17 +648,20 @@ async fn roll_back(
     if let Err(e) = hold.unsilence() {
         tracing::error!(error = %e, "letting the VIP's sockets send again on rollback");
     }
+    let mut kept = Vec::with_capacity(frozen.len());
     for (p, _) in frozen {
         if let Err(e) = repair::resume(p.stream.as_fd()) {
             tracing::error!(id = p.id, error = %e, "cannot resume a frozen connection");
         }
         kept.push(p);
     }
-    if let Err(e) = hold.release() {
-        tracing::error!(error = %e, "releasing the hold on rollback");
-    }
+    // The VIP first: held packets are for it, and the sockets need it.
     if let Err(e) = vip::take(&cfg.spec(vip), cfg.announce).await {
         tracing::error!(error = %e, "re-announcing the VIP on rollback");
+    }
+    reinject(taken);
+    if let Err(e) = hold.release() {
+        tracing::error!(error = %e, "releasing the hold on rollback");
     }
     MoveFailure {
         error,
@@ -517,16 +689,21 @@ pub trait Taker {
 /// Handles one incoming move on `control`: asks `taker` to prepare, thaws
 /// the offered connections, takes the VIP and hands everything to `taker`.
 /// On any failure before `Commit`, nothing is kept and the source keeps
-/// serving.
+/// serving. A source's [`MoveMessage::Query`] about an earlier move is
+/// answered instead: `Ok(None)`.
 pub async fn accept_move<T: Taker>(
     cfg: &MoveConfig,
     mut control: TcpStream,
     taker: &mut T,
-) -> Result<TakeReport, MoveError> {
+) -> Result<Option<TakeReport>, MoveError> {
     let _ = control.set_nodelay(true);
     let mut session = MoveSession::new(Role::Target);
     // The offer may carry large queues: give it time.
     let offer = read_message(&mut control, cfg.step_timeout * 4, "an Offer").await?;
+    if let MoveMessage::Query { move_id } = offer {
+        answer_query(cfg, &mut control, move_id).await;
+        return Ok(None);
+    }
     if let Err(e) = session.on_receive(&offer) {
         let _ = write_message(
             &mut control,
@@ -569,7 +746,7 @@ pub async fn accept_move<T: Taker>(
     }
     match take_in(cfg, &mut control, &mut session, move_id, &vip, connections).await {
         Ok(taken_in) => {
-            finish_take(
+            let finished = finish_take(
                 cfg,
                 &mut control,
                 &mut session,
@@ -578,7 +755,11 @@ pub async fn accept_move<T: Taker>(
                 taken_in,
                 |conns| taker.adopt(prepared, conns),
             )
-            .await
+            .await;
+            if finished.is_err() && outcome_of(move_id) != Some(Outcome::Committed) {
+                record_outcome(move_id, Outcome::RolledBack);
+            }
+            finished.map(Some)
         }
         Err(e) => {
             let _ = write_message(
@@ -671,6 +852,7 @@ async fn take_in(
                 thawed: thawed.len() as u32,
             };
             session.on_send(&ready)?;
+            record_outcome(move_id, Outcome::Pending);
             write_message(control, &ready)
                 .await
                 .map_err(|source| MoveError::Control {
@@ -686,6 +868,7 @@ async fn take_in(
             a.abort();
         }
         undo_take(&spec, taken.already_present, hold, thawed).await;
+        record_outcome(move_id, Outcome::RolledBack);
         return Err(e);
     }
     Ok(TakenIn {
@@ -743,6 +926,7 @@ where
         }
     };
     debug_assert_eq!(session.phase(), Phase::Committed);
+    record_outcome(move_id, Outcome::Committed);
 
     let connections = thawed.len();
     let mut parked = Vec::with_capacity(connections);
@@ -821,7 +1005,8 @@ pub async fn serve_moves<T: Taker>(
     loop {
         let (control, peer) = listener.accept().await?;
         match accept_move(&cfg, control, &mut taker).await {
-            Ok(report) => {
+            Ok(None) => tracing::debug!(%peer, "answered a move query"),
+            Ok(Some(report)) => {
                 tracing::info!(%peer, connections = report.connections, thaw_ms = report.thaw_sockets.as_secs_f64() * 1e3, "moved in")
             }
             Err(e) => tracing::warn!(%peer, error = %e, "incoming move refused or rolled back"),

@@ -464,10 +464,10 @@ fn move_raw(lab: &Lab, vip: &Vip, sockets: Vec<TcpStream>) -> Vec<TcpStream> {
                     })
                     .collect();
                 relocation::move_out(&move_config(), target_addr, &vip2, || async move {
-                    Handoff {
+                    Ok(Handoff {
                         service: Vec::new(),
                         conns: parked,
-                    }
+                    })
                 })
                 .await
                 .map_err(|f| f.error.to_string())
@@ -475,7 +475,11 @@ fn move_raw(lab: &Lab, vip: &Vip, sockets: Vec<TcpStream>) -> Vec<TcpStream> {
         })
         .unwrap()
         .expect("move");
-    let take = report_rx.recv().unwrap().unwrap();
+    let take = report_rx
+        .recv()
+        .unwrap()
+        .unwrap()
+        .expect("a move, not a query");
     assert_eq!(take.connections, report.connections);
     adopted_rx
         .recv()
