@@ -645,6 +645,7 @@ fn replies_match_redis_server() {
             _ => {}
         }
     }
+    eprintln!("{compared} replies compared (seed {seed})");
     assert!(compared > 2000, "only {compared} replies compared");
     c.lab.stop(pid, Duration::from_secs(2));
 }

@@ -418,12 +418,10 @@ pub fn time_out(kv: &mut Kv, ctx: &mut Context, timer: TimerId) {
         return;
     }
     let resp3 = kv.conns.get(&conn).is_some_and(|st| st.resp3);
-    if let Some(b) = unblock(kv, ctx, conn) {
+    if unblock(kv, ctx, conn).is_some() {
+        // A null array for BLMOVE too, as Redis times every list wait out.
         let mut out = Writer::new(resp3);
-        match b.op {
-            BlockOp::Pop { .. } => out.null_array(),
-            BlockOp::Move { .. } => out.null(),
-        }
+        out.null_array();
         ctx.send(conn, &out.buf);
         kv.unblocked.push_back(conn);
     }

@@ -245,17 +245,34 @@ pub struct ScanOpts {
     pub type_name: Option<Vec<u8>>,
 }
 
+/// A cursor as Redis 7.0 reads it (`strtoul`): an optional sign, digits,
+/// nothing else; "-1" wraps to the largest cursor, "" is 0.
+fn parse_cursor(s: &[u8]) -> Option<u64> {
+    let (neg, digits) = match s.first() {
+        Some(b'-') => (true, &s[1..]),
+        Some(b'+') => (false, &s[1..]),
+        _ => (false, s),
+    };
+    if digits.is_empty() {
+        return (s.is_empty()).then_some(0);
+    }
+    let mut v: u64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        v = v.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+    }
+    Some(if neg { v.wrapping_neg() } else { v })
+}
+
 /// Parses a cursor and the options; `allow_type` for SCAN only.
 pub fn scan_opts(
     cursor: &[u8],
     opts: &[Vec<u8>],
     allow_type: bool,
 ) -> Result<(u64, ScanOpts), &'static str> {
-    let cursor = std::str::from_utf8(cursor)
-        .ok()
-        .filter(|s| !s.starts_with('+'))
-        .and_then(|s| s.parse::<u64>().ok())
-        .ok_or("ERR invalid cursor")?;
+    let cursor = parse_cursor(cursor).ok_or("ERR invalid cursor")?;
     let mut o = ScanOpts {
         pattern: None,
         count: 10,
