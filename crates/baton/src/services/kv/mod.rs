@@ -242,10 +242,7 @@ impl Kv {
         };
         let mut out = Writer::new(c.resp3);
         let mut close = false;
-        loop {
-            let Some(c) = self.conns.get_mut(&conn) else {
-                break;
-            };
+        while let Some(c) = self.conns.get_mut(&conn) {
             if c.closing || c.blocked.is_some() {
                 break;
             }

@@ -633,7 +633,21 @@ mod determinism {
         let k = format!("k{}", key % 6);
         let v = val.to_string();
         let s = |xs: &[&str]| xs.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-        match kind % 24 {
+        let ch = format!("ch{}", key % 2);
+        match kind % 36 {
+            24 => s(&["MULTI"]),
+            25 => s(&["EXEC"]),
+            26 => s(&["WATCH", &k]),
+            27 => s(&["SUBSCRIBE", &ch]),
+            28 => s(&["PSUBSCRIBE", "ch*"]),
+            29 if val & 1 == 0 => s(&["UNSUBSCRIBE"]),
+            29 => s(&["RESET"]),
+            30 => s(&["PUBLISH", &ch, &v]),
+            31 => s(&["BLPOP", &k, "k1", &(val % 3).to_string()]),
+            32 => s(&["BLMOVE", &k, "k2", "LEFT", "RIGHT", "0"]),
+            33 => s(&["HELLO", if val & 1 == 0 { "3" } else { "2" }]),
+            34 => s(&["SCAN", &(u64::from(val) << 48).to_string(), "COUNT", "2"]),
+            35 => s(&["DISCARD"]),
             0 => s(&["SET", &k, &v]),
             1 => s(&["SET", &k, &v, "EX", &(val % 5 + 1).to_string()]),
             2 => s(&["SET", &k, &v, "PX", &(val % 3000 + 1).to_string(), "NX"]),
@@ -1198,4 +1212,321 @@ mod real_clients {
         let kv = server.finish();
         assert!(!kv.is_empty());
     }
+}
+
+/// A second connection on the same harness.
+fn open(h: &mut Harness, conn: ConnId) {
+    h.event(Event::Opened {
+        conn,
+        peer: PEER.parse().unwrap(),
+    });
+}
+
+fn cmd_on(h: &mut Harness, conn: ConnId, args: &[&str]) -> Vec<Output> {
+    h.event(Event::Data {
+        conn,
+        bytes: encode_command(args),
+    })
+}
+
+fn sent(outs: &[Output], conn: ConnId) -> String {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::Send { conn: c, bytes } if *c == conn => {
+                Some(String::from_utf8_lossy(bytes).into_owned())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn hello_switches_to_resp3() {
+    let mut h = Harness::new();
+    h.cmd(&["HSET", "h", "f", "v"]);
+    h.cmd(&["SADD", "s", "m"]);
+    let hello = h.cmd(&["HELLO", "3", "SETNAME", "me"]);
+    assert!(
+        hello.starts_with("%7\r\n$6\r\nserver\r\n$5\r\nredis\r\n"),
+        "{hello}"
+    );
+    assert!(
+        hello.contains("$5\r\nproto\r\n:3\r\n$2\r\nid\r\n:1\r\n"),
+        "{hello}"
+    );
+    assert_eq!(h.cmd(&["GET", "nope"]), "_\r\n");
+    assert_eq!(h.cmd(&["HGETALL", "h"]), "%1\r\n$1\r\nf\r\n$1\r\nv\r\n");
+    assert_eq!(h.cmd(&["SMEMBERS", "s"]), "~1\r\n$1\r\nm\r\n");
+    assert_eq!(h.cmd(&["CLIENT", "GETNAME"]), "$2\r\nme\r\n");
+    assert!(h.cmd(&["INFO", "persistence"]).starts_with('='));
+    assert_eq!(
+        h.cmd(&["HELLO", "4"]),
+        "-NOPROTO unsupported protocol version\r\n"
+    );
+    assert_eq!(
+        h.cmd(&["HELLO", "3", "AUTH", "bob", "pw"]),
+        "-WRONGPASS invalid username-password pair or user is disabled.\r\n"
+    );
+    assert!(h
+        .cmd(&["HELLO", "3", "AUTH", "default", "pw"])
+        .starts_with('%'));
+    assert!(h.cmd(&["HELLO", "2"]).starts_with("*14\r\n"));
+    assert_eq!(h.cmd(&["GET", "nope"]), "$-1\r\n");
+    assert_eq!(
+        h.cmd(&["HELLO", "3", "BOGUS"]),
+        "-ERR Syntax error in HELLO option 'BOGUS'\r\n"
+    );
+    assert_eq!(h.cmd(&["RESET"]), "+RESET\r\n");
+    assert_eq!(h.cmd(&["CLIENT", "GETNAME"]), "$-1\r\n");
+    let mut w = crate::services::resp::Writer::new(true);
+    w.double(1.5);
+    w.double(f64::INFINITY);
+    assert_eq!(w.buf, b",1.5\r\n,inf\r\n");
+    let mut w = crate::services::resp::Writer::new(false);
+    w.double(-0.25);
+    assert_eq!(w.buf, b"$5\r\n-0.25\r\n");
+}
+
+#[test]
+fn transactions() {
+    let mut h = Harness::new();
+    open(&mut h, 2);
+    assert_eq!(h.cmd(&["EXEC"]), "-ERR EXEC without MULTI\r\n");
+    assert_eq!(h.cmd(&["DISCARD"]), "-ERR DISCARD without MULTI\r\n");
+    assert_eq!(h.cmd(&["MULTI"]), "+OK\r\n");
+    assert_eq!(h.cmd(&["MULTI"]), "-ERR MULTI calls can not be nested\r\n");
+    assert_eq!(h.cmd(&["INCR", "c"]), "+QUEUED\r\n");
+    assert_eq!(h.cmd(&["LPUSH", "c", "x"]), "+QUEUED\r\n");
+    assert_eq!(
+        h.cmd(&["WATCH", "c"]),
+        "-ERR WATCH inside MULTI is not allowed\r\n"
+    );
+    assert_eq!(h.cmd(&["EXEC"]), format!("*2\r\n:1\r\n{WT}"));
+    // A refused command aborts the whole transaction.
+    h.cmd(&["MULTI"]);
+    h.cmd(&["INCR", "c"]);
+    assert_eq!(h.cmd(&["GET"]), arity("get"));
+    assert_eq!(
+        h.cmd(&["EXEC"]),
+        "-EXECABORT Transaction discarded because of previous errors.\r\n"
+    );
+    assert_eq!(h.cmd(&["GET", "c"]), "$1\r\n1\r\n");
+    // WATCH: another connection's write fails EXEC; an untouched key does not.
+    assert_eq!(h.cmd(&["WATCH", "c", "d"]), "+OK\r\n");
+    cmd_on(&mut h, 2, &["SET", "c", "9"]);
+    h.cmd(&["MULTI"]);
+    h.cmd(&["INCR", "c"]);
+    assert_eq!(h.cmd(&["EXEC"]), "*-1\r\n");
+    h.cmd(&["WATCH", "c"]);
+    cmd_on(&mut h, 2, &["GET", "c"]);
+    cmd_on(&mut h, 2, &["DEL", "nothing"]);
+    h.cmd(&["MULTI"]);
+    h.cmd(&["INCR", "c"]);
+    assert_eq!(h.cmd(&["EXEC"]), "*1\r\n:10\r\n");
+    // Expiry counts as a change.
+    h.cmd(&["SET", "e", "1", "PX", "10"]);
+    h.cmd(&["WATCH", "e"]);
+    h.advance(20);
+    h.cmd(&["MULTI"]);
+    h.cmd(&["SET", "e", "2"]);
+    assert_eq!(h.cmd(&["EXEC"]), "*-1\r\n");
+    // The queue and the watches survive a checkpoint.
+    h.cmd(&["WATCH", "c"]);
+    h.cmd(&["MULTI"]);
+    h.cmd(&["INCR", "c"]);
+    h.kv = Kv::restore(&h.kv.checkpoint()).unwrap();
+    cmd_on(&mut h, 2, &["SET", "c", "0"]);
+    assert_eq!(h.cmd(&["EXEC"]), "*-1\r\n");
+    h.cmd(&["MULTI"]);
+    assert_eq!(h.cmd(&["DISCARD"]), "+OK\r\n");
+}
+
+#[test]
+fn scan_cursors_survive_changes_and_checkpoints() {
+    let mut h = Harness::new();
+    for i in 0..100 {
+        h.cmd(&["SET", &format!("key:{i}"), "v"]);
+    }
+    h.cmd(&["RPUSH", "list", "a"]);
+    let mut seen = BTreeSet::new();
+    let mut cursor = "0".to_string();
+    let mut rounds = 0;
+    loop {
+        let reply = h.cmd(&["SCAN", &cursor, "COUNT", "7", "MATCH", "key:*"]);
+        let mut p = crate::services::resp::Parser::new();
+        // "*2 $cursor *n ..." reads as a command: [cursor, then keys].
+        let flat = reply.replacen("*2\r\n", "", 1);
+        let (head, rest) = flat.split_once("\r\n").unwrap();
+        let cursor_len: usize = head[1..].parse().unwrap();
+        cursor = rest[..cursor_len].to_string();
+        let (cmds, _) = p.parse_all(&rest.as_bytes()[cursor_len + 2..]);
+        seen.extend(cmds.into_iter().flatten());
+        rounds += 1;
+        // Changes and a move between pages: present keys are still found.
+        h.cmd(&["SET", &format!("new:{rounds}"), "v"]);
+        h.kv = Kv::restore(&h.kv.checkpoint()).unwrap();
+        if cursor == "0" {
+            break;
+        }
+        assert!(rounds < 100);
+    }
+    assert!(rounds > 10);
+    assert_eq!(seen.len(), 100);
+    assert_eq!(
+        h.cmd(&["SCAN", "0", "TYPE", "list", "COUNT", "1000"]),
+        "*2\r\n$1\r\n0\r\n*1\r\n$4\r\nlist\r\n"
+    );
+    assert_eq!(h.cmd(&["SCAN", "x"]), "-ERR invalid cursor\r\n");
+    assert_eq!(h.cmd(&["SCAN", "0", "COUNT", "0"]), "-ERR syntax error\r\n");
+    h.cmd(&["HSET", "h", "a", "1", "b", "2"]);
+    assert_eq!(
+        h.cmd(&["HSCAN", "h", "0", "MATCH", "a"]),
+        "*2\r\n$1\r\n0\r\n*2\r\n$1\r\na\r\n$1\r\n1\r\n"
+    );
+    assert_eq!(h.cmd(&["SSCAN", "h", "0"]), WT);
+}
+
+#[test]
+fn pubsub_delivers_to_subscribers() {
+    let mut h = Harness::new();
+    open(&mut h, 2);
+    open(&mut h, 3);
+    assert_eq!(
+        h.cmd(&["SUBSCRIBE", "a", "b"]),
+        "*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n*3\r\n$9\r\nsubscribe\r\n$1\r\nb\r\n:2\r\n"
+    );
+    assert_eq!(
+        h.cmd(&["GET", "x"]),
+        "-ERR Can't execute 'get': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context\r\n"
+    );
+    assert_eq!(h.cmd(&["PING"]), "*2\r\n$4\r\npong\r\n$0\r\n\r\n");
+    cmd_on(&mut h, 3, &["HELLO", "3"]);
+    cmd_on(&mut h, 3, &["PSUBSCRIBE", "a*"]);
+    // A move between subscribing and publishing changes nothing.
+    h.kv = Kv::restore(&h.kv.checkpoint()).unwrap();
+    let outs = cmd_on(&mut h, 2, &["PUBLISH", "a", "hi"]);
+    assert_eq!(sent(&outs, 2), ":2\r\n");
+    assert_eq!(
+        sent(&outs, 1),
+        "*3\r\n$7\r\nmessage\r\n$1\r\na\r\n$2\r\nhi\r\n"
+    );
+    assert_eq!(
+        sent(&outs, 3),
+        ">4\r\n$8\r\npmessage\r\n$2\r\na*\r\n$1\r\na\r\n$2\r\nhi\r\n"
+    );
+    assert_eq!(
+        sent(&cmd_on(&mut h, 2, &["PUBSUB", "NUMSUB", "a", "z"]), 2),
+        "*4\r\n$1\r\na\r\n:1\r\n$1\r\nz\r\n:0\r\n"
+    );
+    assert_eq!(sent(&cmd_on(&mut h, 2, &["PUBSUB", "NUMPAT"]), 2), ":1\r\n");
+    assert_eq!(
+        h.cmd(&["UNSUBSCRIBE"]),
+        "*3\r\n$11\r\nunsubscribe\r\n$1\r\na\r\n:1\r\n*3\r\n$11\r\nunsubscribe\r\n$1\r\nb\r\n:0\r\n"
+    );
+    assert_eq!(
+        h.cmd(&["UNSUBSCRIBE"]),
+        "*3\r\n$11\r\nunsubscribe\r\n$-1\r\n:0\r\n"
+    );
+    assert_eq!(h.cmd(&["GET", "x"]), "$-1\r\n");
+    // A closed subscriber receives nothing more.
+    h.event(Event::Closed {
+        conn: 3,
+        reason: CloseReason::Reset,
+    });
+    let outs = cmd_on(&mut h, 2, &["PUBLISH", "a", "hi"]);
+    assert_eq!(sent(&outs, 2), ":0\r\n");
+}
+
+#[test]
+fn blocking_pops_wait_for_pushes_and_log_time() {
+    let mut h = Harness::new();
+    open(&mut h, 2);
+    // Blocks: nothing answered, the later PING waits too, a timer is set.
+    let outs = h.raw(
+        &[
+            encode_command(&["BLPOP", "q", "2"]),
+            encode_command(&["PING"]),
+        ]
+        .concat(),
+    );
+    assert_eq!(
+        outs,
+        vec![Output::SetTimer {
+            id: 1,
+            at_ms: h.time_ms + 2000
+        }]
+    );
+    // The wait survives a move; a push serves it, then the PING runs.
+    h.kv = Kv::restore(&h.kv.checkpoint()).unwrap();
+    let outs = cmd_on(&mut h, 2, &["RPUSH", "q", "a", "b"]);
+    assert_eq!(sent(&outs, 2), ":2\r\n");
+    assert_eq!(sent(&outs, 1), "*2\r\n$1\r\nq\r\n$1\r\na\r\n+PONG\r\n");
+    assert!(outs.contains(&Output::CancelTimer { id: 1 }));
+    assert_eq!(h.cmd(&["LLEN", "q"]), ":1\r\n");
+    // A timeout is a timer of the log: it fires with a null array.
+    h.cmd(&["DEL", "q"]);
+    h.raw(&encode_command(&["BRPOP", "q", "0.5"]));
+    h.advance(499);
+    assert_eq!(h.event(Event::TimerFired { id: 1 }), vec![]);
+    h.advance(1);
+    let outs = h.event(Event::TimerFired { id: 1 });
+    assert_eq!(sent(&outs, 1), "*-1\r\n");
+    // BLMOVE moves when served; in MULTI nothing blocks.
+    h.raw(&encode_command(&[
+        "BLMOVE", "src", "dst", "LEFT", "RIGHT", "0",
+    ]));
+    let outs = cmd_on(&mut h, 2, &["LPUSH", "src", "x"]);
+    assert_eq!(sent(&outs, 1), "$1\r\nx\r\n");
+    assert_eq!(h.cmd(&["LRANGE", "dst", "0", "-1"]), "*1\r\n$1\r\nx\r\n");
+    h.cmd(&["MULTI"]);
+    h.cmd(&["BLPOP", "nothing", "0"]);
+    assert_eq!(h.cmd(&["EXEC"]), "*1\r\n*-1\r\n");
+    assert_eq!(h.cmd(&["BLPOP", "q", "-1"]), "-ERR timeout is negative\r\n");
+    assert_eq!(
+        h.cmd(&["BLPOP", "q", "x"]),
+        "-ERR timeout is not a float or out of range\r\n"
+    );
+    // First blocked, first served.
+    cmd_on(&mut h, 2, &["BLPOP", "fifo", "0"]);
+    h.raw(&encode_command(&["BLPOP", "fifo", "0"]));
+    open(&mut h, 3);
+    let outs = cmd_on(&mut h, 3, &["RPUSH", "fifo", "1"]);
+    assert_eq!(sent(&outs, 2), "*2\r\n$4\r\nfifo\r\n$1\r\n1\r\n");
+    assert_eq!(sent(&outs, 1), "");
+}
+
+#[test]
+fn version_1_checkpoints_restore() {
+    #[derive(serde::Serialize)]
+    struct ConnV1 {
+        parser: Parser,
+        peer: Option<SocketAddr>,
+        name: Option<Vec<u8>>,
+        closing: bool,
+    }
+    let mut parser = Parser::new();
+    parser.feed(b"*1\r\n$4\r\nPI");
+    let conns = BTreeMap::from([(
+        7u64,
+        ConnV1 {
+            parser,
+            peer: Some(PEER.parse().unwrap()),
+            name: Some(b"old".to_vec()),
+            closing: false,
+        },
+    )]);
+    let data = BTreeMap::from([(b"k".to_vec(), db::Value::Str(b"v".to_vec()))]);
+    let v1 =
+        postcard::to_allocvec(&(1u32, &data, BTreeMap::<Vec<u8>, u64>::new(), &conns)).unwrap();
+    let mut kv = Kv::restore(&v1).unwrap();
+    let mut ctx = Context::new(5, 5);
+    kv.on_data(&mut ctx, 7, b"NG\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n");
+    assert_eq!(
+        ctx.into_outputs(),
+        vec![Output::Send {
+            conn: 7,
+            bytes: b"+PONG\r\n$1\r\nv\r\n".to_vec()
+        }]
+    );
+    assert_eq!(kv.checkpoint()[0], checkpoint::VERSION as u8);
 }
