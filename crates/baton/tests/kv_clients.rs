@@ -181,6 +181,10 @@ fn venv_python() -> String {
 
 #[test]
 fn python_redis_with_defaults_through_moves() {
+    let _deadline = baton_lab::Deadline::start(
+        "python_redis_with_defaults_through_moves",
+        std::time::Duration::from_secs(240),
+    );
     let c = cluster("kpa", 1);
     // The acceptance one-liner, as a user types it.
     let code = format!(
@@ -202,6 +206,10 @@ fn python_redis_with_defaults_through_moves() {
 
 #[test]
 fn node_ioredis_with_defaults_through_moves() {
+    let _deadline = baton_lab::Deadline::start(
+        "node_ioredis_with_defaults_through_moves",
+        std::time::Duration::from_secs(240),
+    );
     client_through_moves("kjs", "node", "tests/clients/kv_client.mjs");
 }
 
@@ -537,6 +545,10 @@ fn unsubscribe_all_key(replies: &[R]) -> (Vec<R>, Vec<R>) {
 
 #[test]
 fn replies_match_redis_server() {
+    let _deadline = baton_lab::Deadline::start(
+        "replies_match_redis_server",
+        std::time::Duration::from_secs(240),
+    );
     let have = Command::new("redis-server")
         .arg("--version")
         .stdout(Stdio::null())
