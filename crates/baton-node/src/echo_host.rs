@@ -256,7 +256,10 @@ async fn serve(
                 ledger.received(id, &buf[..n]);
                 pending.extend_from_slice(&buf[..n]);
             }
-            Step::Wrote(Err(_)) | Step::Read(Err(_)) => return None,
+            Step::Wrote(Err(e)) | Step::Read(Err(e)) => {
+                tracing::debug!(id, error = %e, "echo connection failed");
+                return None;
+            }
         }
     }
 }

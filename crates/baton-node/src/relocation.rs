@@ -880,6 +880,13 @@ async fn take_in(
 }
 
 async fn undo_take(spec: &VipSpec, vip_was_here: bool, hold: Hold, thawed: Thawed) {
+    // Our second announcement would pull the clients back to a node that
+    // gives the VIP up.
+    if let Some(pending) =
+        pending_announcements().remove(&(baton_net::netns::current_id(), spec.addr))
+    {
+        pending.abort();
+    }
     for (_, fd, _, _) in thawed {
         close_silently(fd);
     }

@@ -650,3 +650,198 @@ fn half_closed_connections_move_in_both_directions() {
     assert_eq!(sha(&r.join().unwrap()), expected);
     assert_no_resets(&lab, "client1", &before);
 }
+
+/// After which message a [`cutting_proxy`] breaks the control connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// Once the Offer reached the target, before Ready.
+    Offer,
+    /// Once Ready reached the source, before Commit.
+    Ready,
+    /// Once Commit reached the target, before Done.
+    Commit,
+    /// Once Done reached the source, before the late packets.
+    Done,
+}
+
+/// Copies move frames from `from` to `to`; after the `cut_after`-th frame
+/// (counting from 1), breaks both connections.
+fn relay_frames(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    cut_after: Option<usize>,
+    all: [TcpStream; 2],
+) {
+    let mut frames = 0;
+    loop {
+        let mut header = [0u8; baton_core::wire::HEADER_LEN];
+        if from.read_exact(&mut header).is_err() {
+            break;
+        }
+        let Ok(h) = baton_core::wire::parse_header(
+            baton_core::relocation::MAGIC,
+            baton_core::relocation::VERSION,
+            &header,
+        ) else {
+            break;
+        };
+        let mut body = vec![0u8; h.body_len];
+        if from.read_exact(&mut body).is_err() {
+            break;
+        }
+        if to
+            .write_all(&header)
+            .and_then(|_| to.write_all(&body))
+            .is_err()
+        {
+            break;
+        }
+        frames += 1;
+        if Some(frames) == cut_after {
+            break;
+        }
+    }
+    for s in &all {
+        let _ = s.shutdown(Shutdown::Both);
+    }
+}
+
+/// A proxy in front of a move listener: its first connection is cut at
+/// `cut`; later ones (a source asking how the move ended) pass whole.
+fn cutting_proxy(lab: &Lab, host: &str, listen: SocketAddr, upstream: SocketAddr, cut: Cut) {
+    let listener = lab
+        .run_in(host, move || TcpListener::bind(listen).unwrap())
+        .unwrap();
+    let netns = lab.host(host).unwrap().netns_path();
+    std::thread::spawn(move || {
+        for (n, conn) in listener.incoming().enumerate() {
+            let Ok(source) = conn else { return };
+            let netns = netns.clone();
+            let Ok(Ok(target)) = baton_net::netns::run_in(&netns, move || {
+                TcpStream::connect_timeout(&upstream, Duration::from_secs(2))
+            }) else {
+                return;
+            };
+            let (to_target, to_source) = match (n, cut) {
+                (0, Cut::Offer) => (Some(1), None),
+                (0, Cut::Ready) => (None, Some(1)),
+                (0, Cut::Commit) => (Some(2), None),
+                (0, Cut::Done) => (None, Some(2)),
+                _ => (None, None),
+            };
+            let all = || [source.try_clone().unwrap(), target.try_clone().unwrap()];
+            let (s1, t1, all1) = (
+                source.try_clone().unwrap(),
+                target.try_clone().unwrap(),
+                all(),
+            );
+            std::thread::spawn(move || relay_frames(s1, t1, to_target, all1));
+            let all2 = all();
+            std::thread::spawn(move || relay_frames(target, source, to_source, all2));
+        }
+    });
+}
+
+/// Which lab nodes hold `vip` now.
+fn vip_holders(lab: &Lab, vip: IpAddr) -> Vec<String> {
+    lab.status()
+        .unwrap()
+        .hosts
+        .into_iter()
+        .filter(|h| {
+            h.extra_addresses
+                .iter()
+                .any(|a| a.starts_with(&vip.to_string()))
+        })
+        .map(|h| h.name)
+        .collect()
+}
+
+#[test]
+fn a_control_connection_broken_at_any_step_loses_nothing() {
+    let deadline = baton_lab::Deadline::start(
+        "a_control_connection_broken_at_any_step_loses_nothing",
+        Duration::from_secs(180),
+    );
+    let lab = Lab::create(&Lab::unique_name("mc"), 2, 1).unwrap();
+    let vip = vip(false);
+    let ledger = Arc::new(Ledger::default());
+    let agents = start_agents(&lab, 2, &vip, &ledger);
+    let before = lab.tcp_counters("client1").unwrap();
+    let progress = Arc::new(AtomicU64::new(0));
+    // Paced to outlast the four moves (about 6 MB/s, 7 s).
+    let total = 40 << 20;
+    let client = echo_stream(
+        &lab,
+        "client1",
+        &vip,
+        total,
+        11,
+        Some(Duration::from_millis(10)),
+        progress.clone(),
+    );
+    wait_for("stream progress", || {
+        progress.load(Ordering::Relaxed) > total / 20
+    });
+    let nodes = ["node1", "node2"];
+    let mut at = 0;
+    for (i, cut) in [Cut::Offer, Cut::Ready, Cut::Commit, Cut::Done]
+        .into_iter()
+        .enumerate()
+    {
+        deadline.phase(format!(
+            "move {} with the control connection cut {cut:?}",
+            i + 1
+        ));
+        assert!(
+            progress.load(Ordering::Relaxed) < total,
+            "the stream ended before the cut {cut:?}"
+        );
+        let to = 1 - at;
+        let target_host = lab.host(nodes[to]).unwrap();
+        let proxy = SocketAddr::new(IpAddr::V4(target_host.ipv4), 7800 + i as u16);
+        cutting_proxy(&lab, nodes[to], proxy, agents[to].move_addr, cut);
+        let result = agents[at].move_to(proxy, &vip);
+        let moved = match cut {
+            Cut::Offer | Cut::Ready => false,
+            Cut::Commit | Cut::Done => true,
+        };
+        assert_eq!(result.is_ok(), moved, "cut {cut:?}: {result:?}");
+        if moved {
+            at = to;
+        }
+        // Holds end in the background; give them a moment.
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            vip_holders(&lab, vip.addr),
+            vec![nodes[at].to_string()],
+            "cut {cut:?}"
+        );
+        for node in nodes {
+            let rules = lab
+                .run_in(node, baton_net::hold::list_rules)
+                .unwrap()
+                .unwrap();
+            assert!(
+                rules.is_empty(),
+                "cut {cut:?}: {node} kept hold rules {rules:?}"
+            );
+        }
+        assert_eq!(
+            (agents[at].connections(), agents[1 - at].connections()),
+            (1, 0),
+            "cut {cut:?}: {} serves",
+            nodes[at]
+        );
+        let mark = progress.load(Ordering::Relaxed) + (1 << 20);
+        wait_for("the stream goes on", || {
+            progress.load(Ordering::Relaxed) >= mark
+        });
+    }
+    deadline.phase("waiting for the stream's end");
+    let (sent, received, got, local) = client.join().unwrap();
+    assert_eq!(got, total);
+    assert_eq!(received, sent);
+    check_server_end(&ledger, local, sent, total);
+    assert_no_resets(&lab, "client1", &before);
+}
