@@ -43,8 +43,10 @@ after the warm-up (overhead). first_reply_after_switch: per connection,
 from the switch command to its first successful reply completed once node2
 holds the VIP. keys_lost: distinct acknowledged keys a read (GET during the
 run or the final read-back) found missing or older than acknowledged.
-resets: client1's kernel counters (RSTs sent, established connections
-reset, aborts). client_errors: broken connections, failed connects, error
+resets: the kernel counters (RSTs sent, established connections reset,
+aborts) of the system's own client host (client1 baton, client2
+keepalived, client3 plain), from before connecting to before the
+workload's own close. client_errors: broken connections, failed connects, error
 replies. Times in ms, rates per second.";
 
 #[derive(Args)]

@@ -85,7 +85,7 @@ fn ratio(a: f64, b: f64) -> f64 {
 /// Runs the benchmark and prints one line per pipeline depth.
 pub fn run(sizes: Sizes, json_out: bool, out: Option<PathBuf>) -> Result<i32> {
     let bin = std::env::current_exe().context("locating the baton binary")?;
-    let lab = Lab::create(&Lab::unique_name("bov"), 1, 1)?;
+    let lab = Lab::create(&Lab::unique_name("bov"), 1, 3)?;
     let systems = [System::Plain, System::Baton];
     let progress = Progress::new(
         (sizes.repeat * sizes.pipelines.len() * systems.len()) as u64,

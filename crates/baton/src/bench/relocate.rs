@@ -72,11 +72,14 @@ pub fn measure(
         System::Keepalived => Deployment::keepalived(lab, bin)?,
         System::Plain => Deployment::plain(lab, bin)?,
     };
+    // Each system has a client host of its own, so that one system's
+    // teardown (and its late resets) never lands in another's counters.
+    let client = system.client_host();
     let result = (|| {
         let cfg = cfg_for(&deployment);
-        super::systems::wait_serving(lab, "client1", cfg.target, Duration::from_secs(20))?;
-        let before = lab.tcp_counters("client1")?;
-        let mut workload = Workload::connect(lab, "client1", cfg)?;
+        super::systems::wait_serving(lab, client, cfg.target, Duration::from_secs(20))?;
+        let before = lab.tcp_counters(client)?;
+        let mut workload = Workload::connect(lab, client, cfg)?;
         let start = workload.go();
         let mut switch = None;
         if let Some(at) = switch_at {
@@ -104,8 +107,9 @@ pub fn measure(
             });
         }
         sleep_until(start + duration);
+        // Resets over the run, up to (not including) the workload's own close.
+        let after = lab.tcp_counters(client)?;
         let conns = workload.finish()?;
-        let after = lab.tcp_counters("client1")?;
         Ok(RunData {
             conns,
             resets: after.resets_since(&before),
@@ -333,7 +337,7 @@ fn summary(sizes: &Sizes, system: System, pipeline: usize, runs: &[&Measurement]
 /// Runs the benchmark; prints JSON lines or a table; writes the report.
 pub fn run(sizes: Sizes, json_out: bool, out: Option<PathBuf>) -> Result<i32> {
     let bin = std::env::current_exe().context("locating the baton binary")?;
-    let lab = Lab::create(&Lab::unique_name("brl"), 2, 1)?;
+    let lab = Lab::create(&Lab::unique_name("brl"), 2, 3)?;
     let systems = [System::Baton, System::Keepalived];
     let total = sizes.repeat * sizes.pipelines.len() * systems.len();
     let progress = Progress::new(total as u64, sizes.duration);

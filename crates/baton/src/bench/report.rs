@@ -248,7 +248,7 @@ pub fn relocate(dir: &Path, sizes: &Sizes, lines: &[Value], runs: &[Measurement]
     let _ = writeln!(md, "## Setup\n");
     let _ = writeln!(
         md,
-        "One lab (network namespaces on one machine): node1, node2 and client1 on one bridge. The service is `kv` (the Redis-protocol key-value store built into baton), reached at {}:{}. Each run deploys one system from scratch, runs the workload, switches the service from node1 to node2 at {:.1} s, and removes the system again.\n",
+        "One lab (network namespaces on one machine): node1, node2 and one client host per system (client1 for baton, client2 for keepalived, client3 for the plain server) on one bridge. The service is `kv` (the Redis-protocol key-value store built into baton), reached at {}:{}. Each run deploys one system from scratch, runs the workload, switches the service from node1 to node2 at {:.1} s, and removes the system again.\n",
         super::systems::vip(),
         super::systems::KV_PORT,
         switch.as_secs_f64()
@@ -271,7 +271,7 @@ pub fn relocate(dir: &Path, sizes: &Sizes, lines: &[Value], runs: &[Measurement]
     let _ = writeln!(md, "## Workload\n");
     let _ = writeln!(
         md,
-        "From client1, {} connections, each alternating `SET bench:C:K VALUE` ({} bytes; its own {} keys round robin, each value naming the write it comes from) and `GET` of one of its keys the server acknowledged before (it must return the last acknowledged write or a later one), as fast as replies come, with `pipeline` requests written at once. Every reply is checked and time-stamped. On an error (reset, end of stream, no reply within 5 s) the client drops the connection and connects again (at once, then backing off from 5 ms to 200 ms). At the end every connection reads back every key the server acknowledged.\n",
+        "From the system's client host, {} connections, each alternating `SET bench:C:K VALUE` ({} bytes; its own {} keys round robin, each value naming the write it comes from) and `GET` of one of its keys the server acknowledged before (it must return the last acknowledged write or a later one), as fast as replies come, with `pipeline` requests written at once. Every reply is checked and time-stamped. On an error (reset, end of stream, no reply within 5 s) the client drops the connection and connects again (at once, then backing off from 5 ms to 200 ms). At the end every connection reads back every key the server acknowledged.\n",
         sizes.connections, sizes.value_bytes, sizes.keys_per_connection
     );
     let _ = writeln!(md, "## Metrics\n");
@@ -290,7 +290,7 @@ pub fn relocate(dir: &Path, sizes: &Sizes, lines: &[Value], runs: &[Measurement]
         md,
         "| key | meaning |\n|---|---|\n\
 | client_errors | broken connections (reset, end of stream, 5 s without a reply), failed connects and error replies |\n\
-| resets | client1's kernel counters: RSTs sent + established connections reset + connections aborted |\n\
+| resets | the system's client host's kernel counters, from before connecting to before the workload's own close: RSTs sent + established connections reset + connections aborted |\n\
 | reconnects | successful connects after a connection broke |\n\
 | keys_written | distinct keys the server acknowledged (SET answered OK) |\n\
 | keys_lost | distinct acknowledged keys that a read (a GET during the run, or the final read-back of every key) found missing or older than their last acknowledged write: what a client could no longer read |\n\
@@ -391,7 +391,7 @@ pub fn overhead(dir: &Path, sizes: &Sizes, lines: &[Value], runs: &[overhead::Ru
     let _ = writeln!(md, "# baton bench overhead\n");
     let _ = writeln!(
         md,
-        "Machine: {}. The steady-state cost of the baton runtime: the `kv` service code as a plain tokio server (`baton serve-standalone`, at node1's address) and under `baton node` (at a VIP on node1), each alone in a one-node lab, driven from client1 by the workload of `baton bench relocate` without any move: {} connections, pipeline depths {:?}, {} s per run of which the first tenth is warm-up, {} repeat(s) alternating which system goes first. Medians over repeats; ratios are baton / plain.\n",
+        "Machine: {}. The steady-state cost of the baton runtime: the `kv` service code as a plain tokio server (`baton serve-standalone`, at node1's address) and under `baton node` (at a VIP on node1), each alone in a one-node lab, driven from a client host of its own by the workload of `baton bench relocate` without any move: {} connections, pipeline depths {:?}, {} s per run of which the first tenth is warm-up, {} repeat(s) alternating which system goes first. Medians over repeats; ratios are baton / plain.\n",
         machine(),
         sizes.connections,
         sizes.pipelines,

@@ -34,6 +34,17 @@ pub enum System {
 }
 
 impl System {
+    /// The lab client host whose connections measure this system.
+    pub fn client_host(self) -> &'static str {
+        match self {
+            System::Baton => "client1",
+            System::Keepalived => "client2",
+            System::Plain => "client3",
+        }
+    }
+}
+
+impl System {
     pub fn name(self) -> &'static str {
         match self {
             System::Baton => "baton",
