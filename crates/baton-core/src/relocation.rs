@@ -35,7 +35,7 @@ use crate::wire::{self, WireError};
 /// Frame magic of move messages.
 pub const MAGIC: [u8; 4] = *b"BTMV";
 /// Version of the move protocol this build speaks.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 
 /// A virtual address and the TCP ports of it that a service uses.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,6 +105,10 @@ impl ConnHandoff {
 /// A message of the move protocol.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MoveMessage {
+    /// Source → target, first: make ready to take `vip` (install the hold,
+    /// add the address) while the source freezes its sockets, so the two
+    /// ends work at the same time.
+    Prepare { move_id: u64, vip: Vip },
     /// Source → target: take these connections and this VIP.
     Offer {
         move_id: u64,
@@ -152,7 +156,8 @@ impl MoveMessage {
 
     pub fn move_id(&self) -> u64 {
         match self {
-            MoveMessage::Offer { move_id, .. }
+            MoveMessage::Prepare { move_id, .. }
+            | MoveMessage::Offer { move_id, .. }
             | MoveMessage::Ready { move_id, .. }
             | MoveMessage::Refused { move_id, .. }
             | MoveMessage::Commit { move_id, .. }
@@ -164,6 +169,7 @@ impl MoveMessage {
 
     fn kind(&self) -> &'static str {
         match self {
+            MoveMessage::Prepare { .. } => "Prepare",
             MoveMessage::Offer { .. } => "Offer",
             MoveMessage::Ready { .. } => "Ready",
             MoveMessage::Refused { .. } => "Refused",
@@ -187,6 +193,8 @@ pub enum Role {
 pub enum Phase {
     /// Source: nothing sent yet. Target: waiting for an offer.
     Start,
+    /// Prepare sent (source) or received (target); the offer follows.
+    Prepared,
     /// Offer sent (source) or received (target).
     Offered,
     /// Target answered Ready.
@@ -224,6 +232,8 @@ pub struct MoveSession {
     phase: Phase,
     move_id: Option<u64>,
     offered: u32,
+    /// The VIP a Prepare announced: the offer must be for it.
+    prepared_vip: Option<Vip>,
 }
 
 impl MoveSession {
@@ -233,6 +243,7 @@ impl MoveSession {
             phase: Phase::Start,
             move_id: None,
             offered: 0,
+            prepared_vip: None,
         }
     }
 
@@ -273,14 +284,25 @@ impl MoveSession {
             phase: self.phase,
         };
         self.phase = match (self.phase, msg, from_source) {
+            (Phase::Start, MoveMessage::Prepare { vip, .. }, true) => {
+                vip.validate().map_err(ProtocolError::BadOffer)?;
+                self.move_id = Some(msg.move_id());
+                self.prepared_vip = Some(vip.clone());
+                Phase::Prepared
+            }
             (
-                Phase::Start,
+                Phase::Start | Phase::Prepared,
                 MoveMessage::Offer {
                     vip, connections, ..
                 },
                 true,
             ) => {
                 vip.validate().map_err(ProtocolError::BadOffer)?;
+                if self.prepared_vip.as_ref().is_some_and(|p| p != vip) {
+                    return Err(ProtocolError::BadOffer(
+                        "the offer is for another VIP than the one prepared".into(),
+                    ));
+                }
                 let mut ids: Vec<u64> = connections.iter().map(|c| c.id).collect();
                 ids.sort_unstable();
                 if ids.windows(2).any(|w| w[0] == w[1]) {
@@ -301,7 +323,7 @@ impl MoveSession {
                 }
                 Phase::Ready
             }
-            (Phase::Offered, MoveMessage::Refused { reason, .. }, false) => {
+            (Phase::Prepared | Phase::Offered, MoveMessage::Refused { reason, .. }, false) => {
                 self.phase = Phase::Aborted;
                 if sending {
                     return Ok(());

@@ -295,7 +295,21 @@ where
         };
     let _ = control.set_nodelay(true);
 
+    // The target makes ready while we hold and freeze.
     let started = Instant::now();
+    let move_id = new_move_id();
+    let mut session = MoveSession::new(Role::Source);
+    let prepare = MoveMessage::Prepare {
+        move_id,
+        vip: vip.clone(),
+    };
+    session.on_send(&prepare).map_err(|e| fail(e.into()))?;
+    if let Err(source) = write_message(&mut control, &prepare).await {
+        return Err(fail(MoveError::Control {
+            peer: target,
+            source,
+        }));
+    }
     let key = (baton_net::netns::current_id(), vip.addr);
     if let Some(pending) = pending_announcements().remove(&key) {
         pending.abort();
@@ -355,8 +369,6 @@ where
             tracing::warn!(error = %e, "reading the neighbour table");
             Vec::new()
         });
-    let move_id = new_move_id();
-    let mut session = MoveSession::new(Role::Source);
     let offer = MoveMessage::Offer {
         move_id,
         vip: vip.clone(),
@@ -698,23 +710,43 @@ pub async fn accept_move<T: Taker>(
 ) -> Result<Option<TakeReport>, MoveError> {
     let _ = control.set_nodelay(true);
     let mut session = MoveSession::new(Role::Target);
-    // The offer may carry large queues: give it time.
-    let offer = read_message(&mut control, cfg.step_timeout * 4, "an Offer").await?;
-    if let MoveMessage::Query { move_id } = offer {
+    let refuse = |move_id: u64, reason: String| MoveMessage::Refused { move_id, reason };
+    let first = read_message(&mut control, cfg.step_timeout * 4, "a Prepare or an Offer").await?;
+    if let MoveMessage::Query { move_id } = first {
         answer_query(cfg, &mut control, move_id).await;
         return Ok(None);
     }
-    if let Err(e) = session.on_receive(&offer) {
-        let _ = write_message(
-            &mut control,
-            &MoveMessage::Refused {
-                move_id: offer.move_id(),
-                reason: e.to_string(),
-            },
-        )
-        .await;
+    if let Err(e) = session.on_receive(&first) {
+        let _ = write_message(&mut control, &refuse(first.move_id(), e.to_string())).await;
         return Err(e.into());
     }
+    // Make ready (hold, address) while the source freezes its sockets.
+    let (mut landing, offer) = match first {
+        MoveMessage::Prepare { move_id, vip } => {
+            let landing = match prepare_landing(cfg, &vip).await {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = write_message(&mut control, &refuse(move_id, e.to_string())).await;
+                    return Err(e);
+                }
+            };
+            // The offer may carry large queues: give it time.
+            let offer = match read_message(&mut control, cfg.step_timeout * 4, "an Offer").await {
+                Ok(m) => m,
+                Err(e) => {
+                    landing.undo(cfg).await;
+                    return Err(e);
+                }
+            };
+            if let Err(e) = session.on_receive(&offer) {
+                landing.undo(cfg).await;
+                let _ = write_message(&mut control, &refuse(move_id, e.to_string())).await;
+                return Err(e.into());
+            }
+            (Some(landing), offer)
+        }
+        offer => (None, offer),
+    };
     let MoveMessage::Offer {
         move_id,
         vip,
@@ -728,23 +760,39 @@ pub async fn accept_move<T: Taker>(
     let prepared = match taker.prepare(&vip, &service) {
         Ok(p) => p,
         Err(reason) => {
-            let _ = write_message(
-                &mut control,
-                &MoveMessage::Refused {
-                    move_id,
-                    reason: reason.clone(),
-                },
-            )
-            .await;
+            if let Some(l) = landing.take() {
+                l.undo(cfg).await;
+            }
+            let _ = write_message(&mut control, &refuse(move_id, reason.clone())).await;
             return Err(MoveError::Refused(reason));
         }
+    };
+    let landing = match landing {
+        Some(l) => l,
+        None => match prepare_landing(cfg, &vip).await {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = write_message(&mut control, &refuse(move_id, e.to_string())).await;
+                return Err(e);
+            }
+        },
     };
 
     // Clients reachable at once when the sockets go live, not after ARP/ND.
     if let Err(e) = vip::learn_neighbours(&cfg.interface, &neighbours).await {
         tracing::warn!(error = %e, "learning the clients' MACs from the source");
     }
-    match take_in(cfg, &mut control, &mut session, move_id, &vip, connections).await {
+    match take_in(
+        cfg,
+        &mut control,
+        &mut session,
+        move_id,
+        &vip,
+        connections,
+        landing,
+    )
+    .await
+    {
         Ok(taken_in) => {
             let finished = finish_take(
                 cfg,
@@ -785,8 +833,39 @@ struct TakenIn {
     thaw_sockets: Duration,
 }
 
-/// Hold, take the VIP's address (not announced), thaw everything (sockets
-/// stay in repair mode: silent until Commit). Undoes itself on failure.
+/// What a target makes ready before the offer: the hold, and the VIP's
+/// address (added, not announced).
+struct Landing {
+    hold: Hold,
+    taken: vip::Taken,
+    spec: VipSpec,
+}
+
+impl Landing {
+    /// Gives it all up again (the move did not happen).
+    async fn undo(self, _cfg: &MoveConfig) {
+        undo_take(
+            &self.spec,
+            self.taken.already_present,
+            self.hold,
+            Vec::new(),
+        )
+        .await;
+    }
+}
+
+async fn prepare_landing(cfg: &MoveConfig, vip: &Vip) -> Result<Landing, MoveError> {
+    let t0 = Instant::now();
+    let hold = install_hold(cfg, vip, HoldFor::Target)?;
+    let t1 = Instant::now();
+    let spec = cfg.spec(vip);
+    let taken = vip::take_address(&spec).await?;
+    tracing::debug!(hold = ?t1 - t0, vip = ?t1.elapsed(), "landing prepared");
+    Ok(Landing { hold, taken, spec })
+}
+
+/// Thaws everything into the prepared landing (sockets stay in repair
+/// mode: silent until Commit) and answers Ready. Undoes itself on failure.
 async fn take_in(
     cfg: &MoveConfig,
     control: &mut TcpStream,
@@ -794,19 +873,20 @@ async fn take_in(
     move_id: u64,
     vip: &Vip,
     connections: Vec<ConnHandoff>,
+    landing: Landing,
 ) -> Result<TakenIn, MoveError> {
     let mut states = Vec::with_capacity(connections.len());
     for c in connections {
-        let state = c.tcp_state().map_err(MoveError::State)?;
-        states.push((c.id, state, c.app));
+        match c.tcp_state() {
+            Ok(state) => states.push((c.id, state, c.app)),
+            Err(e) => {
+                landing.undo(cfg).await;
+                return Err(MoveError::State(e));
+            }
+        }
     }
-    let t0 = Instant::now();
-    let hold = install_hold(cfg, vip, HoldFor::Target)?;
-    let t1 = Instant::now();
-    let spec = cfg.spec(vip);
-    let taken = vip::take_address(&spec).await?;
+    let Landing { hold, taken, spec } = landing;
     let started = Instant::now();
-    tracing::debug!(hold = ?t1 - t0, vip = ?started - t1, "take in");
     let mut thawed: Thawed = Vec::with_capacity(states.len());
     let mut failure = None;
     for (id, state, app) in states {

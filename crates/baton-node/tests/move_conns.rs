@@ -664,7 +664,8 @@ enum Cut {
     Done,
 }
 
-/// Copies move frames from `from` to `to`; after the `cut_after`-th frame
+/// Copies move frames from `from` to `to` (source to target: Prepare, Offer,
+/// Commit, Late; target to source: Ready, Done); after the `cut_after`-th frame
 /// (counting from 1), breaks both connections.
 fn relay_frames(
     mut from: TcpStream,
@@ -723,9 +724,9 @@ fn cutting_proxy(lab: &Lab, host: &str, listen: SocketAddr, upstream: SocketAddr
                 return;
             };
             let (to_target, to_source) = match (n, cut) {
-                (0, Cut::Offer) => (Some(1), None),
+                (0, Cut::Offer) => (Some(2), None),
                 (0, Cut::Ready) => (None, Some(1)),
-                (0, Cut::Commit) => (Some(2), None),
+                (0, Cut::Commit) => (Some(3), None),
                 (0, Cut::Done) => (None, Some(2)),
                 _ => (None, None),
             };
