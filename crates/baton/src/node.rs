@@ -138,6 +138,15 @@ pub fn run_ctl(args: CtlArgs) -> Result<i32> {
                     if s.moving { " (moving)" } else { "" }
                 );
             }
+            if status.refused_peer_connections > 0 {
+                println!(
+                    "refused peer connections: {}",
+                    status.refused_peer_connections
+                );
+            }
+            for w in &status.warnings {
+                println!("warning: {w}");
+            }
             Ok(0)
         }
         ControlReply::Moved(m) if json => {
