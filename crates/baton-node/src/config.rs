@@ -234,8 +234,7 @@ impl NodeConfig {
         let cluster_key_file = raw.cluster_key_file.ok_or_else(|| {
             err(
                 "cluster_key_file",
-                "missing: name the cluster's key file (`baton key cluster FILE` writes one)"
-                    .into(),
+                "missing: name the cluster's key file (`baton key cluster FILE` writes one)".into(),
             )
         })?;
         let mut public_keys = BTreeMap::new();

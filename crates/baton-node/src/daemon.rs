@@ -199,13 +199,8 @@ async fn running_elsewhere(cfg: &NodeConfig, auth: &PeerAuth, service: &str) -> 
         if *name == cfg.node {
             continue;
         }
-        if let Ok(PeerReply::Running(running)) = ask_peer(
-            auth,
-            name,
-            &PeerRequest::Status,
-            Duration::from_millis(500),
-        )
-        .await
+        if let Ok(PeerReply::Running(running)) =
+            ask_peer(auth, name, &PeerRequest::Status, Duration::from_millis(500)).await
         {
             if running.iter().any(|(s, _, _)| s == service) {
                 return Some(name.clone());
@@ -294,10 +289,7 @@ async fn ask_peer(
     deadline: Duration,
 ) -> Result<PeerReply, String> {
     let exchange = async {
-        let mut stream = auth
-            .connect(name, None)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut stream = auth.connect(name, None).await.map_err(|e| e.to_string())?;
         control::write_peer(&mut stream, req)
             .await
             .map_err(|e| e.to_string())?;

@@ -65,7 +65,11 @@ impl KernelSettings {
         let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "unknown".into());
         let mut out = Vec::new();
         let pairs = [
-            ("net.ipv4.tcp_timestamps", &self.tcp_timestamps, &peer.tcp_timestamps),
+            (
+                "net.ipv4.tcp_timestamps",
+                &self.tcp_timestamps,
+                &peer.tcp_timestamps,
+            ),
             ("net.ipv4.tcp_sack", &self.tcp_sack, &peer.tcp_sack),
             (
                 "net.ipv4.tcp_window_scaling",
@@ -113,7 +117,9 @@ mod tests {
         b.mtu = Some(9000);
         let d = a.differences("node2", &b);
         assert_eq!(d.len(), 2, "{d:?}");
-        assert!(d[0].contains("tcp_sack") && d[0].contains("1 here") && d[0].contains("0 on node2"));
+        assert!(
+            d[0].contains("tcp_sack") && d[0].contains("1 here") && d[0].contains("0 on node2")
+        );
         assert!(d[1].contains("MTU") && d[1].contains("9000"));
     }
 }

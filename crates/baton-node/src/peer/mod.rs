@@ -75,9 +75,13 @@ impl Refusal {
         match self {
             Refusal::PlainFrame => "unauthenticated plain frame",
             Refusal::NotBaton => "not a baton peer handshake",
-            Refusal::BadHandshake => "handshake failed authentication (not addressed to this node's key, or altered)",
+            Refusal::BadHandshake => {
+                "handshake failed authentication (not addressed to this node's key, or altered)"
+            }
             Refusal::UnknownKey => "key of no node in [public_keys]",
-            Refusal::NotCompleted => "handshake not completed (wrong cluster key, replayed or altered)",
+            Refusal::NotCompleted => {
+                "handshake not completed (wrong cluster key, replayed or altered)"
+            }
             Refusal::BadMessage => "message failed authentication (altered or replayed)",
             Refusal::WrongName => "claimed another node's name than its key's",
             Refusal::Timeout => "no handshake in time",
@@ -140,7 +144,9 @@ pub struct Refusals {
 impl Refusals {
     /// Records a refusal of a connection from `from`.
     pub fn refuse(&self, from: SocketAddr, reason: Refusal, detail: Option<&str>) {
-        self.counters.counter(reason).fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .counter(reason)
+            .fetch_add(1, Ordering::Relaxed);
         let mut logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
         if logged.len() > 4096 {
             // Bounded memory under a flood from many sources.
@@ -389,11 +395,10 @@ impl PeerAuth {
                     source,
                 },
             })?;
-        let theirs: Hello = baton_core::wire::decode_body(&payload).map_err(|_| {
-            ConnectError::Hello {
+        let theirs: Hello =
+            baton_core::wire::decode_body(&payload).map_err(|_| ConnectError::Hello {
                 node: name.to_owned(),
-            }
-        })?;
+            })?;
         // Their key authenticated them as `name`: a hello naming another
         // node is a misconfiguration there.
         if theirs.node != name {
@@ -466,8 +471,7 @@ impl PeerAuth {
             .map_err(|e| classify(e, false))?;
         let hello: Hello = baton_core::wire::decode_body(&first)
             .map_err(|_| (Refusal::NotCompleted, Some("malformed hello".into())))?;
-        check_sender(&name, &hello.node)
-            .map_err(|e| (Refusal::WrongName, Some(e.to_string())))?;
+        check_sender(&name, &hello.node).map_err(|e| (Refusal::WrongName, Some(e.to_string())))?;
         Ok((stream, name, hello.kernel))
     }
 }

@@ -130,8 +130,8 @@ pub async fn respond_start<S: AsyncRead + AsyncWrite + Unpin>(
         Err(e) => return Err(e.into()),
     }
     if preamble != PREAMBLE {
-        let plain_frame = preamble == baton_core::relocation::MAGIC
-            || preamble == crate::control::PEER_MAGIC;
+        let plain_frame =
+            preamble == baton_core::relocation::MAGIC || preamble == crate::control::PEER_MAGIC;
         return Err(NoiseError::NotBaton { plain_frame });
     }
     let mut len = [0u8; 2];
