@@ -232,7 +232,8 @@ mod tests {
         let d = dir();
         let secret = Secret::random().unwrap();
         let hex = to_hex(&secret.0);
-        let cases: Vec<(&str, Box<dyn Fn(&Path)>, &str)> = vec![
+        type Make = Box<dyn Fn(&Path)>;
+        let cases: Vec<(&str, Make, &str)> = vec![
             ("missing", Box::new(|_| {}), "missing"),
             (
                 "dir",
