@@ -37,7 +37,9 @@ pub fn registry() -> Registry {
 
 #[derive(Args)]
 pub struct NodeArgs {
-    /// The node's configuration (TOML; see the README).
+    /// The node's configuration (TOML; see the README). It names the
+    /// node's key files (`baton key` writes them); the node does not start
+    /// if one is missing, unreadable, readable by others or malformed.
     #[arg(long)]
     config: PathBuf,
 }

@@ -189,6 +189,13 @@ fn a_plain_move_frame_from_a_client_moves_nothing_and_is_logged_once() {
         c.node_log("node1")
     );
     assert!(c.node_log("node1").contains("198.18.2.1"));
+    for l in c
+        .node_log("node1")
+        .lines()
+        .filter(|l| l.contains("refused"))
+    {
+        eprintln!("node1: {l}");
+    }
 
     // Keys never show: not in logs, not in ctl status.
     let status = Command::new(BIN)

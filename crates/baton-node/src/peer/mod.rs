@@ -627,3 +627,36 @@ pub async fn accept_control(auth: Option<&PeerAuth>, tcp: TcpStream) -> Option<C
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_counted_every_time_and_logged_once_per_source_and_reason() {
+        let r = Refusals::default();
+        let a: SocketAddr = "198.18.2.1:4000".parse().unwrap();
+        let b: SocketAddr = "198.18.2.2:4000".parse().unwrap();
+        for _ in 0..3 {
+            r.refuse(a, Refusal::PlainFrame, None);
+        }
+        r.refuse(a, Refusal::UnknownKey, None);
+        r.refuse(b, Refusal::PlainFrame, None);
+        assert_eq!(r.counters.plain_frame.load(Ordering::Relaxed), 4);
+        assert_eq!(r.counters.total(), 5);
+        let logged = r.logged.lock().unwrap();
+        assert_eq!(logged.len(), 3);
+        assert_eq!(
+            logged[&(a.ip(), Refusal::PlainFrame)].1,
+            2,
+            "two suppressed"
+        );
+    }
+
+    #[test]
+    fn a_claimed_sender_must_be_the_authenticated_node() {
+        assert!(check_sender("node2", "node2").is_ok());
+        let e = check_sender("node2", "node3").unwrap_err().to_string();
+        assert_eq!(e, "authenticated as node2, claims to be node3");
+    }
+}
