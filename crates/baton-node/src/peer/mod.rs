@@ -25,7 +25,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -189,7 +189,7 @@ pub struct PeerAuth {
     /// name → (peer address, public key), this node included.
     peers: BTreeMap<String, (SocketAddr, PublicKey)>,
     kernel: KernelSettings,
-    pub refusals: Refusals,
+    pub refusals: Arc<Refusals>,
     /// Kernel setting mismatches per peer, as last seen.
     mismatches: Mutex<BTreeMap<String, Vec<String>>>,
 }
@@ -304,7 +304,7 @@ impl PeerAuth {
             psk,
             peers,
             kernel,
-            refusals: Refusals::default(),
+            refusals: Arc::new(Refusals::default()),
             mismatches: Mutex::new(BTreeMap::new()),
         }
     }
@@ -376,7 +376,10 @@ impl PeerAuth {
         }
         let tcp = socket.connect(addr).await?;
         let _ = tcp.set_nodelay(true);
-        self.connect_over(name, &key, tcp).await
+        let mut stream = self.connect_over(name, &key, tcp).await?;
+        let refusals = self.refusals.clone();
+        stream.on_failure(move || refusals.refuse(addr, Refusal::BadMessage, None));
+        Ok(stream)
     }
 
     /// The initiator's handshake over an already connected transport.
@@ -434,8 +437,10 @@ impl PeerAuth {
                 self.refusals.refuse(from, reason, detail.as_deref());
                 None
             }
-            Ok(Ok((stream, name, kernel))) => {
+            Ok(Ok((mut stream, name, kernel))) => {
                 self.compare_kernel(&name, &kernel);
+                let refusals = self.refusals.clone();
+                stream.on_failure(move || refusals.refuse(from, Refusal::BadMessage, None));
                 Some((stream, name))
             }
         }

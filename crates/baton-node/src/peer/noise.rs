@@ -204,6 +204,8 @@ pub struct NoiseStream<S> {
     out_pos: usize,
     failed: bool,
     eof: bool,
+    /// Called once if a message fails authentication.
+    on_failure: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
 
 impl<S> std::fmt::Debug for NoiseStream<S> {
@@ -226,7 +228,21 @@ impl<S> NoiseStream<S> {
             out_pos: 0,
             failed: false,
             eof: false,
+            on_failure: None,
         }
+    }
+
+    /// Calls `f` (once) when a message fails authentication.
+    pub fn on_failure(&mut self, f: impl FnOnce() + Send + Sync + 'static) {
+        self.on_failure = Some(Box::new(f));
+    }
+
+    fn fail(&mut self) -> io::Error {
+        self.failed = true;
+        if let Some(f) = self.on_failure.take() {
+            f();
+        }
+        decrypt_error()
     }
 
     /// The transport underneath.
@@ -258,8 +274,7 @@ impl<S: AsyncRead + Unpin> NoiseStream<S> {
                     u16::from_be_bytes([self.raw[self.raw_start], self.raw[self.raw_start + 1]])
                         as usize;
                 if len < TAG_LEN {
-                    self.failed = true;
-                    return Poll::Ready(Err(decrypt_error()));
+                    return Poll::Ready(Err(self.fail()));
                 }
                 if avail >= 2 + len {
                     if self.plain_pos > 0 {
@@ -273,8 +288,7 @@ impl<S: AsyncRead + Unpin> NoiseStream<S> {
                         Ok(n) => self.plain.truncate(at + n),
                         Err(_) => {
                             self.plain.truncate(at);
-                            self.failed = true;
-                            return Poll::Ready(Err(decrypt_error()));
+                            return Poll::Ready(Err(self.fail()));
                         }
                     }
                     self.raw_start += 2 + len;
@@ -540,8 +554,12 @@ mod tests {
             let mut y = y;
             let (hs, _) = respond_start(&mut y, &bk, &psk).await.unwrap();
             let (mut s, _) = respond_finish(y, hs, b"").await.unwrap();
+            let told = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let t = told.clone();
+            s.on_failure(move || t.store(true, std::sync::atomic::Ordering::Relaxed));
             let mut buf = vec![0u8; 100];
             let r = s.read_exact(&mut buf).await;
+            assert!(told.load(std::sync::atomic::Ordering::Relaxed));
             (r.map(|_| ()), s.failed())
         });
         let relay = tokio::spawn(async move {
