@@ -160,13 +160,21 @@ impl Refusals {
                 let suppressed = entry.map_or(0, |(_, s)| *s);
                 logged.insert(key, (now, 0));
                 drop(logged);
-                tracing::warn!(
-                    source = %from.ip(),
-                    reason = reason.as_str(),
-                    detail = detail.unwrap_or(""),
-                    suppressed_since_last = suppressed,
-                    "refused a peer connection; nothing it sent was acted on"
-                );
+                match detail {
+                    Some(detail) => tracing::warn!(
+                        source = %from.ip(),
+                        reason = reason.as_str(),
+                        detail,
+                        suppressed_since_last = suppressed,
+                        "refused a peer connection; nothing it sent was acted on"
+                    ),
+                    None => tracing::warn!(
+                        source = %from.ip(),
+                        reason = reason.as_str(),
+                        suppressed_since_last = suppressed,
+                        "refused a peer connection; nothing it sent was acted on"
+                    ),
+                }
             }
         }
     }
