@@ -1,7 +1,9 @@
 //! A baton cluster in a lab: one `baton node` process per lab node, with
 //! generated configuration files, driven through each node's control
 //! socket (JSON lines, as `baton ctl` speaks). Used by the demo, the tests
-//! and the benchmarks.
+//! and the benchmarks. Keys for the authenticated peer connections are
+//! made with `baton key` at start: one per node and one cluster key, in
+//! the nodes' state directories.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -43,6 +45,8 @@ pub struct Cluster {
     services: Vec<ServiceSpec>,
     options: NodeOptions,
     pids: BTreeMap<String, u32>,
+    /// Every node's public key (hex), as `baton key node` printed it.
+    public_keys: BTreeMap<String, String>,
     keep: bool,
 }
 
@@ -66,9 +70,11 @@ impl Cluster {
             services: services.to_vec(),
             options,
             pids: BTreeMap::new(),
+            public_keys: BTreeMap::new(),
             keep: false,
         };
         let nodes: Vec<String> = cluster.node_names();
+        cluster.make_keys(&nodes)?;
         for node in &nodes {
             cluster.start_node(node)?;
         }
@@ -87,6 +93,59 @@ impl Cluster {
             .collect()
     }
 
+    /// Runs `baton ARGS` here and returns its standard output.
+    fn baton(&self, args: &[&std::ffi::OsStr]) -> Result<String, LabError> {
+        let out = std::process::Command::new(&self.bin).args(args).output()?;
+        if !out.status.success() {
+            return Err(LabError::Command {
+                command: format!("baton {args:?}"),
+                detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// A key pair per node and one cluster key (copied to every node).
+    fn make_keys(&mut self, nodes: &[String]) -> Result<(), LabError> {
+        let mut cluster_key: Option<PathBuf> = None;
+        for node in nodes {
+            let dir = self.lab.state_dir(node)?;
+            std::fs::create_dir_all(&dir)?;
+            let key = self.key_file(node)?;
+            let _ = std::fs::remove_file(&key);
+            let public = self.baton(&["key".as_ref(), "node".as_ref(), key.as_os_str()])?;
+            self.public_keys.insert(node.clone(), public);
+            let shared = self.cluster_key_file(node)?;
+            let _ = std::fs::remove_file(&shared);
+            match &cluster_key {
+                None => {
+                    self.baton(&["key".as_ref(), "cluster".as_ref(), shared.as_os_str()])?;
+                    cluster_key = Some(shared);
+                }
+                // A copy keeps the mode (600).
+                Some(first) => {
+                    std::fs::copy(first, &shared)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `node`'s private key file.
+    pub fn key_file(&self, node: &str) -> Result<PathBuf, LabError> {
+        Ok(self.lab.state_dir(node)?.join("node.key"))
+    }
+
+    /// The cluster key file, as `node` has it.
+    pub fn cluster_key_file(&self, node: &str) -> Result<PathBuf, LabError> {
+        Ok(self.lab.state_dir(node)?.join("cluster.key"))
+    }
+
+    /// `node`'s public key (hex).
+    pub fn public_key(&self, node: &str) -> Option<&str> {
+        self.public_keys.get(node).map(String::as_str)
+    }
+
     /// The configuration file of `node`.
     pub fn config_path(&self, node: &str) -> Result<PathBuf, LabError> {
         Ok(self.lab.state_dir(node)?.join("node.toml"))
@@ -100,8 +159,10 @@ impl Cluster {
         let dir = self.lab.state_dir(node)?;
         std::fs::create_dir_all(&dir)?;
         let mut text = format!(
-            "node = \"{node}\"\ninterface = \"eth0\"\nstate_dir = \"{}\"\n\n[peers]\n",
-            dir.display()
+            "node = \"{node}\"\ninterface = \"eth0\"\nstate_dir = \"{}\"\nkey_file = \"{}\"\ncluster_key_file = \"{}\"\n\n[peers]\n",
+            dir.display(),
+            self.key_file(node)?.display(),
+            self.cluster_key_file(node)?.display(),
         );
         if let Some(vrid) = self.options.vrid {
             text.insert_str(0, &format!("vrid = {vrid}\n"));
@@ -109,6 +170,10 @@ impl Cluster {
         for h in self.lab.hosts().iter().filter(|h| h.role == Role::Node) {
             let addr = std::net::SocketAddr::new(IpAddr::V4(h.ipv4), PEER_PORT);
             text.push_str(&format!("{} = \"{addr}\"\n", h.name));
+        }
+        text.push_str("\n[public_keys]\n");
+        for (name, key) in &self.public_keys {
+            text.push_str(&format!("{name} = \"{key}\"\n"));
         }
         for s in &self.services {
             text.push_str(&format!(

@@ -7,10 +7,16 @@
 //! # vrid = 51                     # optional: VIPs ride the VRRP virtual MAC
 //! # announce_count = 5            # gratuitous ARPs / NAs after taking a VIP
 //! # announce_interval_ms = 10     # spacing between them (first one at once)
+//! key_file = "/etc/baton/node1.key"             # this node's private key (mode 600)
+//! cluster_key_file = "/etc/baton/cluster.key"   # the cluster's shared key (mode 600)
 //!
 //! [peers]                         # every node, this one included
 //! node1 = "198.18.1.1:7700"
 //! node2 = "198.18.1.2:7700"
+//!
+//! [public_keys]                   # every node's public key (`baton key node` prints it)
+//! node1 = "5d0c...64 hex digits"
+//! node2 = "a817...64 hex digits"
 //!
 //! [[services]]
 //! name = "kv"
@@ -47,6 +53,8 @@ pub struct NodeConfig {
     pub announce: baton_net::vip::Announce,
     pub peers: BTreeMap<String, SocketAddr>,
     pub services: Vec<ServiceConfig>,
+    /// Key files and public keys for the peer connections.
+    pub auth: crate::peer::AuthConfig,
 }
 
 /// One service of the cluster.
@@ -67,7 +75,11 @@ struct RawConfig {
     vrid: Option<u8>,
     announce_count: Option<u32>,
     announce_interval_ms: Option<u64>,
+    key_file: Option<PathBuf>,
+    cluster_key_file: Option<PathBuf>,
     peers: BTreeMap<String, String>,
+    #[serde(default)]
+    public_keys: BTreeMap<String, String>,
     #[serde(default)]
     services: Vec<RawService>,
 }
@@ -212,6 +224,38 @@ impl NodeConfig {
                 preferred_node: s.preferred_node,
             });
         }
+        let key_file = raw.key_file.ok_or_else(|| {
+            err(
+                "key_file",
+                "missing: name this node's private key file (`baton key node FILE` writes one)"
+                    .into(),
+            )
+        })?;
+        let cluster_key_file = raw.cluster_key_file.ok_or_else(|| {
+            err(
+                "cluster_key_file",
+                "missing: name the cluster's key file (`baton key cluster FILE` writes one)".into(),
+            )
+        })?;
+        let mut public_keys = BTreeMap::new();
+        for (name, key) in &raw.public_keys {
+            if !peers.contains_key(name) {
+                return Err(err(
+                    &format!("public_keys.{name}"),
+                    format!("{name:?} is not one of [peers] ({})", names(&peers)),
+                ));
+            }
+            let parsed: crate::peer::PublicKey = key
+                .parse()
+                .map_err(|p: String| err(&format!("public_keys.{name}"), p))?;
+            public_keys.insert(name.clone(), parsed);
+        }
+        if let Some(name) = peers.keys().find(|n| !public_keys.contains_key(*n)) {
+            return Err(err(
+                &format!("public_keys.{name}"),
+                "missing: every node of [peers] needs its public key".into(),
+            ));
+        }
         Ok(NodeConfig {
             node: raw.node,
             interface: raw.interface,
@@ -220,6 +264,11 @@ impl NodeConfig {
             announce,
             peers,
             services,
+            auth: crate::peer::AuthConfig {
+                key_file,
+                cluster_key_file,
+                public_keys,
+            },
         })
     }
 
@@ -246,9 +295,14 @@ mod tests {
 node = "node1"
 interface = "eth0"
 state_dir = "/tmp/x"
+key_file = "/tmp/x/node1.key"
+cluster_key_file = "/tmp/x/cluster.key"
 [peers]
 node1 = "198.18.1.1:7700"
 node2 = "198.18.1.2:7700"
+[public_keys]
+node1 = "0101010101010101010101010101010101010101010101010101010101010101"
+node2 = "0202020202020202020202020202020202020202020202020202020202020202"
 [[services]]
 name = "kv"
 kind = "kv"
@@ -302,6 +356,26 @@ preferred_node = "node2"
                 GOOD.replace("interface = \"eth0\"", "interface = \"eth0\"\ncolour = 3"),
                 "line",
             ),
+            (
+                GOOD.replace("key_file = \"/tmp/x/node1.key\"\n", ""),
+                "key_file",
+            ),
+            (
+                GOOD.replace("cluster_key_file = \"/tmp/x/cluster.key\"\n", ""),
+                "cluster_key_file",
+            ),
+            (
+                GOOD.replace("node2 = \"0202", "node3 = \"0202"),
+                "public_keys.node3",
+            ),
+            (
+                GOOD.replace(
+                    "node2 = \"0202020202020202020202020202020202020202020202020202020202020202\"\n",
+                    "",
+                ),
+                "public_keys.node2",
+            ),
+            (GOOD.replace("\"0202", "\"zz02"), "public_keys.node2"),
         ];
         for (text, key) in cases {
             let e = parse(&text).unwrap_err();

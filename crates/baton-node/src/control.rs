@@ -33,6 +33,14 @@ pub struct ClusterStatus {
     pub node: String,
     pub nodes: Vec<NodeEntry>,
     pub services: Vec<ServiceEntry>,
+    /// Problems the asked node sees with its peers: kernel TCP settings
+    /// that differ (a moved socket may not rebuild the same there).
+    #[serde(default)]
+    pub warnings: Vec<String>,
+    /// Peer connections the asked node refused since it started (bad or
+    /// missing credentials, altered or replayed messages).
+    #[serde(default)]
+    pub refused_peer_connections: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -165,7 +173,8 @@ pub async fn write_peer<T: Serialize, W: tokio::io::AsyncWrite + Unpin>(
 ) -> std::io::Result<()> {
     write
         .write_all(&wire::encode(PEER_MAGIC, PEER_VERSION, msg))
-        .await
+        .await?;
+    write.flush().await
 }
 
 #[cfg(test)]

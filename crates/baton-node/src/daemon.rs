@@ -17,6 +17,7 @@ use crate::control::{
     self, ClusterStatus, ControlReply, ControlRequest, MoveSummary, NodeEntry, PeerReply,
     PeerRequest, ServiceEntry,
 };
+use crate::peer::PeerAuth;
 use crate::relocation::{self, MoveConfig, Parked, Taker};
 use crate::runtime::{Registry, ServiceRuntime, ServiceState};
 
@@ -50,6 +51,7 @@ struct Node {
     cfg: NodeConfig,
     registry: Registry,
     moves: MoveConfig,
+    auth: Arc<PeerAuth>,
     slots: Mutex<BTreeMap<String, Slot>>,
 }
 
@@ -62,6 +64,12 @@ impl Node {
 /// Runs the node until SIGTERM or SIGINT; then releases its VIPs and
 /// removes its holds and control socket.
 pub async fn run(cfg: NodeConfig, registry: Registry) -> Result<(), NodeError> {
+    // Credentials first: a node with bad key files changes nothing.
+    let auth = Arc::new(
+        PeerAuth::load(&cfg.node, &cfg.interface, &cfg.peers, &cfg.auth)
+            .await
+            .map_err(|e| NodeError::Setup(e.to_string()))?,
+    );
     if baton_net::netns::in_root_namespace().unwrap_or(true) {
         return Err(NodeError::Setup(
             "refusing to run in the machine's root network namespace in this milestone: run the node inside a lab host (`baton lab exec HOST -- baton node ...`)".into(),
@@ -80,10 +88,12 @@ pub async fn run(cfg: NodeConfig, registry: Registry) -> Result<(), NodeError> {
     moves.vrid = cfg.vrid;
     moves.announce = cfg.announce;
     moves.local_addr = Some(cfg.own_addr().ip());
+    moves.auth = Some(auth.clone());
     let node = Arc::new(Node {
         cfg: cfg.clone(),
         registry,
         moves,
+        auth: auth.clone(),
         slots: Mutex::new(BTreeMap::new()),
     });
 
@@ -98,7 +108,7 @@ pub async fn run(cfg: NodeConfig, registry: Registry) -> Result<(), NodeError> {
         }
         let spec = node.moves.spec(&s.vip);
         let elsewhere = if s.preferred_node == cfg.node {
-            running_elsewhere(&cfg, &s.name).await
+            running_elsewhere(&cfg, &auth, &s.name).await
         } else {
             None
         };
@@ -154,7 +164,7 @@ pub async fn run(cfg: NodeConfig, registry: Registry) -> Result<(), NodeError> {
                 if let Ok((stream, from)) = accepted {
                     let node = node.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = serve_peer(node, stream).await {
+                        if let Err(e) = serve_peer(node, stream, from).await {
                             tracing::warn!(%from, error = %e, "peer request");
                         }
                     });
@@ -184,13 +194,13 @@ pub async fn run(cfg: NodeConfig, registry: Registry) -> Result<(), NodeError> {
 
 /// The peer that serves `service` now, if any answers that it does: a node
 /// that restarts must not take back a service that was moved away.
-async fn running_elsewhere(cfg: &NodeConfig, service: &str) -> Option<String> {
-    for (name, addr) in &cfg.peers {
+async fn running_elsewhere(cfg: &NodeConfig, auth: &PeerAuth, service: &str) -> Option<String> {
+    for name in cfg.peers.keys() {
         if *name == cfg.node {
             continue;
         }
         if let Ok(PeerReply::Running(running)) =
-            ask_peer(*addr, &PeerRequest::Status, Duration::from_millis(500)).await
+            ask_peer(auth, name, &PeerRequest::Status, Duration::from_millis(500)).await
         {
             if running.iter().any(|(s, _, _)| s == service) {
                 return Some(name.clone());
@@ -217,22 +227,17 @@ async fn shutdown(node: &Node) {
     tracing::info!(node = %node.cfg.node, "node down");
 }
 
-/// A peer's connection: a move coming in, or a query.
-async fn serve_peer(node: Arc<Node>, mut stream: TcpStream) -> Result<(), String> {
-    let mut magic = [0u8; 4];
-    let peeked = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            let n = stream.peek(&mut magic).await?;
-            if n == 0 || n == magic.len() {
-                return Ok::<usize, std::io::Error>(n);
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    })
-    .await
-    .map_err(|_| "peer sent nothing".to_string())?
-    .map_err(|e| e.to_string())?;
-    if peeked < magic.len() {
+/// A peer's connection: a move coming in, or a query. Nothing is read
+/// from it before it authenticates as a node of `[peers]`.
+async fn serve_peer(node: Arc<Node>, stream: TcpStream, from: SocketAddr) -> Result<(), String> {
+    let Some((mut stream, peer)) = node.auth.accept(stream, from).await else {
+        return Ok(()); // refused: counted and logged by the listener
+    };
+    let magic = tokio::time::timeout(Duration::from_secs(5), stream.peek(MOVE_MAGIC.len()))
+        .await
+        .map_err(|_| format!("{peer} sent nothing"))?
+        .map_err(|e| format!("{peer}: {e}"))?;
+    if magic.len() < MOVE_MAGIC.len() {
         return Ok(());
     }
     if magic == MOVE_MAGIC {
@@ -244,6 +249,7 @@ async fn serve_peer(node: Arc<Node>, mut stream: TcpStream) -> Result<(), String
             return Ok(());
         };
         tracing::info!(
+            from = %peer,
             connections = report.connections,
             thaw_ms = report.thaw_sockets.as_secs_f64() * 1e3,
             "service moved in"
@@ -280,12 +286,13 @@ async fn running_here(node: &Node) -> Vec<(String, usize, bool)> {
 /// Asks a peer something, with a short deadline (a dead peer must not
 /// stall `baton ctl status`).
 async fn ask_peer(
-    addr: SocketAddr,
+    auth: &PeerAuth,
+    name: &str,
     req: &PeerRequest,
     deadline: Duration,
 ) -> Result<PeerReply, String> {
     let exchange = async {
-        let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let mut stream = auth.connect(name, None).await.map_err(|e| e.to_string())?;
         control::write_peer(&mut stream, req)
             .await
             .map_err(|e| e.to_string())?;
@@ -293,7 +300,7 @@ async fn ask_peer(
     };
     tokio::time::timeout(deadline, exchange)
         .await
-        .map_err(|_| format!("{addr} did not answer in time"))?
+        .map_err(|_| format!("{name} did not answer in time"))?
 }
 
 async fn cluster_status(node: &Node) -> ClusterStatus {
@@ -303,7 +310,14 @@ async fn cluster_status(node: &Node) -> ClusterStatus {
         let running = if *name == node.cfg.node {
             Ok(running_here(node).await)
         } else {
-            match ask_peer(*addr, &PeerRequest::Status, Duration::from_millis(800)).await {
+            match ask_peer(
+                &node.auth,
+                name,
+                &PeerRequest::Status,
+                Duration::from_millis(800),
+            )
+            .await
+            {
                 Ok(PeerReply::Running(r)) => Ok(r),
                 Ok(_) => Err(()),
                 Err(_) => Err(()),
@@ -339,6 +353,8 @@ async fn cluster_status(node: &Node) -> ClusterStatus {
         node: node.cfg.node.clone(),
         nodes,
         services,
+        warnings: node.auth.warnings(),
+        refused_peer_connections: node.auth.refusals.counters.total(),
     }
 }
 
@@ -388,9 +404,9 @@ async fn handle_control(node: &Arc<Node>, req: ControlRequest) -> ControlReply {
                 if owner == to {
                     return Err(format!("service {service:?} already runs on {to}"));
                 }
-                let addr = node.cfg.peers[&owner];
                 match ask_peer(
-                    addr,
+                    &node.auth,
+                    &owner,
                     &PeerRequest::Move {
                         service: service.clone(),
                         to,

@@ -6,5 +6,6 @@ pub mod control;
 pub mod daemon;
 pub mod echo_host;
 pub mod move_agent;
+pub mod peer;
 pub mod relocation;
 pub mod runtime;

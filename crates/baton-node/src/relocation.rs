@@ -22,7 +22,9 @@ use baton_net::hold::{self, Hold, HoldError, Ports};
 use baton_net::repair::{self, RepairError};
 use baton_net::vip::{self, Announce, VipError, VipSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
+
+use crate::peer::ControlIo;
 
 /// A connection taken away from its application: the socket, and the
 /// application's state for it. The application must not touch the socket
@@ -53,6 +55,9 @@ pub struct MoveConfig {
     /// Address the control connection to a target is made from: the
     /// node's own, never the VIP (which leaves with the move).
     pub local_addr: Option<IpAddr>,
+    /// Credentials for the control connection ([`crate::peer`]); `None`
+    /// means plain TCP, for in-process move agents only.
+    pub auth: Option<std::sync::Arc<crate::peer::PeerAuth>>,
 }
 
 impl MoveConfig {
@@ -64,6 +69,7 @@ impl MoveConfig {
             announce: Announce::default(),
             step_timeout: Duration::from_secs(3),
             local_addr: None,
+            auth: None,
         }
     }
 
@@ -209,13 +215,13 @@ pub struct TakeReport {
     pub injected_packets: usize,
 }
 
-async fn write_message(stream: &mut TcpStream, msg: &MoveMessage) -> std::io::Result<()> {
+async fn write_message<S: ControlIo>(stream: &mut S, msg: &MoveMessage) -> std::io::Result<()> {
     stream.write_all(&msg.encode()).await?;
     stream.flush().await
 }
 
-async fn read_message(
-    stream: &mut TcpStream,
+async fn read_message<S: ControlIo>(
+    stream: &mut S,
     timeout: Duration,
     what: &'static str,
 ) -> Result<MoveMessage, MoveError> {
@@ -240,16 +246,11 @@ async fn read_message(
     }
 }
 
-async fn connect_control(cfg: &MoveConfig, target: SocketAddr) -> std::io::Result<TcpStream> {
-    let socket = if target.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    if let Some(local) = cfg.local_addr {
-        socket.bind(SocketAddr::new(local, 0))?;
-    }
-    socket.connect(target).await
+async fn connect_control(
+    cfg: &MoveConfig,
+    target: SocketAddr,
+) -> std::io::Result<crate::peer::ControlStream> {
+    crate::peer::connect_control(cfg.auth.as_deref(), cfg.local_addr, target).await
 }
 
 /// A move id unlikely to repeat across restarts (no clock in the core, so
@@ -596,7 +597,7 @@ fn outcome_of(move_id: u64) -> Option<Outcome> {
 
 /// Answers a source's [`MoveMessage::Query`] once the move is no longer
 /// pending here (bounded: a pending move rolls back within a step).
-async fn answer_query(cfg: &MoveConfig, control: &mut TcpStream, move_id: u64) {
+async fn answer_query<S: ControlIo>(cfg: &MoveConfig, control: &mut S, move_id: u64) {
     let deadline = Instant::now() + cfg.step_timeout * 2;
     let answer = loop {
         match outcome_of(move_id) {
@@ -703,9 +704,9 @@ pub trait Taker {
 /// On any failure before `Commit`, nothing is kept and the source keeps
 /// serving. A source's [`MoveMessage::Query`] about an earlier move is
 /// answered instead: `Ok(None)`.
-pub async fn accept_move<T: Taker>(
+pub async fn accept_move<T: Taker, S: ControlIo>(
     cfg: &MoveConfig,
-    mut control: TcpStream,
+    mut control: S,
     taker: &mut T,
 ) -> Result<Option<TakeReport>, MoveError> {
     let _ = control.set_nodelay(true);
@@ -866,9 +867,9 @@ async fn prepare_landing(cfg: &MoveConfig, vip: &Vip) -> Result<Landing, MoveErr
 
 /// Thaws everything into the prepared landing (sockets stay in repair
 /// mode: silent until Commit) and answers Ready. Undoes itself on failure.
-async fn take_in(
+async fn take_in<S: ControlIo>(
     cfg: &MoveConfig,
-    control: &mut TcpStream,
+    control: &mut S,
     session: &mut MoveSession,
     move_id: u64,
     vip: &Vip,
@@ -980,9 +981,9 @@ async fn undo_take(spec: &VipSpec, vip_was_here: bool, hold: Hold, thawed: Thawe
 
 /// Waits for Commit, then makes the thawed sockets live, announces the VIP
 /// and lets the held traffic in.
-async fn finish_take<F>(
+async fn finish_take<F, S: ControlIo>(
     cfg: &MoveConfig,
-    control: &mut TcpStream,
+    control: &mut S,
     session: &mut MoveSession,
     move_id: u64,
     vip: &Vip,
@@ -1091,6 +1092,9 @@ pub async fn serve_moves<T: Taker>(
 ) -> std::io::Result<()> {
     loop {
         let (control, peer) = listener.accept().await?;
+        let Some(control) = crate::peer::accept_control(cfg.auth.as_deref(), control).await else {
+            continue;
+        };
         match accept_move(&cfg, control, &mut taker).await {
             Ok(None) => tracing::debug!(%peer, "answered a move query"),
             Ok(Some(report)) => {

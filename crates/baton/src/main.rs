@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod key;
 mod lab;
 mod node;
 mod services;
@@ -30,6 +31,8 @@ enum Commands {
     Node(node::NodeArgs),
     /// Talks to the local node: status, move.
     Ctl(node::CtlArgs),
+    /// Writes key files for node configurations: node keys, cluster key.
+    Key(key::KeyArgs),
     /// Runs a built-in service as a plain TCP server, without the baton
     /// runtime (the benchmarks' baseline).
     #[command(hide = true)]
@@ -58,6 +61,7 @@ fn main() {
         Commands::Bench(args) => bench::run(args),
         Commands::Node(args) => node::run_node(args),
         Commands::Ctl(args) => node::run_ctl(args),
+        Commands::Key(args) => key::run(args),
         Commands::ServeStandalone(args) => standalone::run(args),
     };
     match result {

@@ -37,7 +37,9 @@ pub fn registry() -> Registry {
 
 #[derive(Args)]
 pub struct NodeArgs {
-    /// The node's configuration (TOML; see the README).
+    /// The node's configuration (TOML; see the README). It names the
+    /// node's key files (`baton key` writes them); the node does not start
+    /// if one is missing, unreadable, readable by others or malformed.
     #[arg(long)]
     config: PathBuf,
 }
@@ -137,6 +139,15 @@ pub fn run_ctl(args: CtlArgs) -> Result<i32> {
                     s.connections,
                     if s.moving { " (moving)" } else { "" }
                 );
+            }
+            if status.refused_peer_connections > 0 {
+                println!(
+                    "refused peer connections: {}",
+                    status.refused_peer_connections
+                );
+            }
+            for w in &status.warnings {
+                println!("warning: {w}");
             }
             Ok(0)
         }
