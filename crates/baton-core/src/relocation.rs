@@ -167,7 +167,8 @@ impl MoveMessage {
         }
     }
 
-    fn kind(&self) -> &'static str {
+    /// The message's name, for logs and errors.
+    pub fn kind(&self) -> &'static str {
         match self {
             MoveMessage::Prepare { .. } => "Prepare",
             MoveMessage::Offer { .. } => "Offer",

@@ -5,6 +5,7 @@
 //! process made, and ends the process with a failure.
 
 use std::collections::BTreeSet;
+use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -60,7 +61,11 @@ impl Deadline {
             while !state.done {
                 let left = until.saturating_duration_since(Instant::now());
                 if left.is_zero() {
-                    eprintln!(
+                    // Straight to stderr: the test harness captures
+                    // `eprintln!` of test threads, and would drop it on exit.
+                    let mut err = std::io::stderr();
+                    let _ = writeln!(
+                        err,
                         "DEADLINE: {what} still running after {limit:?}, while {}; removing its labs and failing",
                         state.phase
                     );
@@ -72,7 +77,7 @@ impl Deadline {
                         .collect();
                     for lab in labs {
                         if let Err(e) = crate::down(&lab) {
-                            eprintln!("DEADLINE: removing lab {lab}: {e}");
+                            let _ = writeln!(err, "DEADLINE: removing lab {lab}: {e}");
                         }
                     }
                     std::process::exit(101);

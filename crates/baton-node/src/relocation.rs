@@ -215,9 +215,32 @@ pub struct TakeReport {
     pub injected_packets: usize,
 }
 
+/// Writes one message, within `timeout`: a peer that died mid-move stops
+/// reading, and a write that waits for it for ever would keep the VIP
+/// held for ever.
+async fn write_message_within<S: ControlIo>(
+    stream: &mut S,
+    msg: &MoveMessage,
+    timeout: Duration,
+) -> std::io::Result<()> {
+    let write = async {
+        stream.write_all(&msg.encode()).await?;
+        stream.flush().await
+    };
+    match tokio::time::timeout(timeout, write).await {
+        Ok(result) => result,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the peer took no {} within {timeout:?}", msg.kind()),
+        )),
+    }
+}
+
+/// How long a write of a small message may take.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
 async fn write_message<S: ControlIo>(stream: &mut S, msg: &MoveMessage) -> std::io::Result<()> {
-    stream.write_all(&msg.encode()).await?;
-    stream.flush().await
+    write_message_within(stream, msg, WRITE_TIMEOUT).await
 }
 
 async fn read_message<S: ControlIo>(
@@ -384,7 +407,7 @@ where
         return Err(roll_back(cfg, vip, hold, service, frozen, Vec::new(), e.into()).await);
     }
     let encoded_at = started.elapsed();
-    if let Err(source) = write_message(&mut control, &offer).await {
+    if let Err(source) = write_message_within(&mut control, &offer, cfg.step_timeout * 4).await {
         let e = MoveError::Control {
             peer: target,
             source,
