@@ -389,42 +389,9 @@ fn delete_rules(tool: &'static str, rules: &[Rule], netns: Option<&File>) -> Res
 /// The chains of the raw table our rules live in.
 const CHAINS: [&str; 2] = ["PREROUTING", "OUTPUT"];
 
-/// Removes every `baton-hold:` rule of the raw PREROUTING and OUTPUT chains
-/// (IPv4 and IPv6) of the calling thread's namespace, as left by a crashed run; returns
-/// how many. Idempotent. Removes the rules of live holds too: call it at
-/// start-up, before installing any.
-pub fn sweep() -> Result<usize, HoldError> {
-    ensure_not_root_netns()?;
-    let mut removed = 0;
-    for tool in ["iptables", "ip6tables"] {
-        for chain in CHAINS {
-            let listing = iptables(
-                tool,
-                &["-w", "-t", "raw", "-S", chain].map(String::from),
-                None,
-            )?;
-            for line in listing.lines() {
-                if !line.starts_with(&format!("-A {chain} ")) || !line.contains(HOLD_COMMENT_PREFIX)
-                {
-                    continue;
-                }
-                // Our rules hold no spaces inside arguments; -S only quotes the comment.
-                let spec: Vec<String> = line
-                    .split_whitespace()
-                    .skip(2)
-                    .map(|t| t.trim_matches('"').to_owned())
-                    .collect();
-                delete_rule(tool, &Rule { chain, spec }, None)?;
-                removed += 1;
-            }
-        }
-    }
-    Ok(removed)
-}
-
-/// The `baton-hold:` rules currently in the raw PREROUTING and OUTPUT
-/// chains of the calling thread's namespace, as `iptables -S` prints them.
-pub fn list_rules() -> Result<Vec<String>, HoldError> {
+/// Our rules in the raw PREROUTING and OUTPUT chains (IPv4 and IPv6) of
+/// the calling thread's namespace: (tool, chain, the rule as `-S` prints it).
+fn our_rules() -> Result<Vec<(&'static str, &'static str, String)>, HoldError> {
     let mut rules = Vec::new();
     for tool in ["iptables", "ip6tables"] {
         for chain in CHAINS {
@@ -436,12 +403,38 @@ pub fn list_rules() -> Result<Vec<String>, HoldError> {
             rules.extend(
                 listing
                     .lines()
+                    .filter(|l| l.starts_with(&format!("-A {chain} ")))
                     .filter(|l| l.contains(HOLD_COMMENT_PREFIX))
-                    .map(str::to_owned),
+                    .map(|l| (tool, chain, l.to_owned())),
             );
         }
     }
     Ok(rules)
+}
+
+/// Removes every `baton-hold:` rule of the raw PREROUTING and OUTPUT chains
+/// (IPv4 and IPv6) of the calling thread's namespace, as left by a crashed
+/// run; returns how many. Idempotent. Removes the rules of live holds too:
+/// call it at start-up, before installing any.
+pub fn sweep() -> Result<usize, HoldError> {
+    ensure_not_root_netns()?;
+    let rules = our_rules()?;
+    for (tool, chain, line) in &rules {
+        // Our rules hold no spaces inside arguments; -S only quotes the comment.
+        let spec: Vec<String> = line
+            .split_whitespace()
+            .skip(2)
+            .map(|t| t.trim_matches('"').to_owned())
+            .collect();
+        delete_rule(tool, &Rule { chain, spec }, None)?;
+    }
+    Ok(rules.len())
+}
+
+/// The `baton-hold:` rules currently in the raw PREROUTING and OUTPUT
+/// chains of the calling thread's namespace, as `iptables -S` prints them.
+pub fn list_rules() -> Result<Vec<String>, HoldError> {
+    Ok(our_rules()?.into_iter().map(|(_, _, line)| line).collect())
 }
 
 // ---------------------------------------------------------------------------
@@ -636,8 +629,13 @@ impl Hold {
             Vec::new()
         };
 
+        // The kernel gives a new socket the lowest free descriptor: the
+        // queue's is most likely this one (nfq does not tell).
+        let expected_fd = lowest_free_fd();
         let mut queue = nfq::Queue::open().map_err(queue_err(queue_num, "open"))?;
-        grow_queue_socket_buffers();
+        if !expected_fd.is_some_and(grow_queue_socket_buffer) {
+            grow_queue_socket_buffers();
+        }
         queue
             .bind(queue_num)
             .map_err(queue_err(queue_num, "bind"))?;
@@ -890,54 +888,76 @@ fn loopback_up() -> Result<bool, HoldError> {
 /// 208 KiB) would drop them before the reader gets its next turn.
 const QUEUE_SOCKET_BUFFER: libc::c_int = 32 << 20;
 
+/// The lowest descriptor number not in use now.
+fn lowest_free_fd() -> Option<libc::c_int> {
+    // SAFETY: open(2) of a constant C string; the result is closed at once.
+    let fd = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` was just opened here and nobody else has it.
+    unsafe { libc::close(fd) };
+    Some(fd)
+}
+
+fn sockopt_int(fd: libc::c_int, name: libc::c_int) -> Option<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes to `value`; a
+    // descriptor that is not a socket just fails.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(value)
+}
+
+/// Raises the receive buffer of `fd` if it is a netfilter netlink socket;
+/// returns whether it is one.
+fn grow_queue_socket_buffer(fd: libc::c_int) -> bool {
+    if sockopt_int(fd, libc::SO_DOMAIN) != Some(libc::AF_NETLINK)
+        || sockopt_int(fd, libc::SO_PROTOCOL) != Some(libc::NETLINK_NETFILTER)
+    {
+        return false;
+    }
+    if sockopt_int(fd, libc::SO_RCVBUF).is_some_and(|b| b < QUEUE_SOCKET_BUFFER) {
+        // SAFETY: plain setsockopt on a socket of ours with a live int.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&QUEUE_SOCKET_BUFFER as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            tracing::warn!(error = %io::Error::last_os_error(), "cannot grow an NFQUEUE socket buffer");
+        }
+    }
+    true
+}
+
 /// Raises the receive buffer of every netfilter netlink socket of this
 /// process (the `nfq` crate does not expose its descriptor; all such
-/// sockets of ours are hold queues).
+/// sockets of ours are hold queues). The slow path: one look at every
+/// descriptor of the process.
 fn grow_queue_socket_buffers() {
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
         return;
     };
     for entry in dir.flatten() {
-        let Some(fd) = entry
+        if let Some(fd) = entry
             .file_name()
             .to_str()
             .and_then(|n| n.parse::<libc::c_int>().ok())
-        else {
-            continue;
-        };
-        let get = |name: libc::c_int| -> Option<libc::c_int> {
-            let mut value: libc::c_int = 0;
-            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-            // SAFETY: getsockopt writes at most `len` bytes to `value`; a
-            // descriptor that is not a socket just fails.
-            let rc = unsafe {
-                libc::getsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    name,
-                    (&mut value as *mut libc::c_int).cast(),
-                    &mut len,
-                )
-            };
-            (rc == 0).then_some(value)
-        };
-        if get(libc::SO_DOMAIN) == Some(libc::AF_NETLINK)
-            && get(libc::SO_PROTOCOL) == Some(libc::NETLINK_NETFILTER)
-            && get(libc::SO_RCVBUF).is_some_and(|b| b < QUEUE_SOCKET_BUFFER)
         {
-            // SAFETY: plain setsockopt on a socket of ours with a live int.
-            let rc = unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVBUFFORCE,
-                    (&QUEUE_SOCKET_BUFFER as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            if rc != 0 {
-                tracing::warn!(error = %io::Error::last_os_error(), "cannot grow an NFQUEUE socket buffer");
-            }
+            grow_queue_socket_buffer(fd);
         }
     }
 }

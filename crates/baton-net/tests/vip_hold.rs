@@ -5,7 +5,7 @@
 //! joined by a veth pair created inside them; 198.18.0.1-2/24 and
 //! fd00:198:18::1-2/64 on `eth0`.
 
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::process::Command;
@@ -635,4 +635,61 @@ fn hold_sweep_root_refusal_and_bad_input() {
     eprintln!("second bind: {err}");
     assert!(matches!(err, HoldError::Queue { .. }), "{err}");
     drop(first);
+}
+
+/// A silenced hold drops what the VIP's sockets send (a frozen socket's
+/// timers must not reach the peer); unsilencing lets them speak again.
+fn silenced_hold_cycle(tag: &str, vip: IpAddr) {
+    let lab = Lab::new(tag);
+    let port = 7003;
+    let listener = lab.listen(&lab.a, port);
+    let target = SocketAddr::new(vip, port);
+    let mut client = lab
+        .run(&lab.b, move || {
+            TcpStream::connect_timeout(&target, Duration::from_secs(3))
+        })
+        .expect("connect");
+    let (mut server, _) = listener.accept().unwrap();
+    let a = lab.a.clone();
+    let mut hold = lab
+        .run(&a, move || Hold::install_silenced(vip, &[port][..], 4))
+        .unwrap();
+    assert!(hold.silenced());
+    let rules = lab.run(&a, hold::list_rules).unwrap();
+    assert_eq!(rules.len(), 2, "ingress and egress rules: {rules:?}");
+
+    server.write_all(b"while frozen").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_millis(400)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let quiet = client.read(&mut buf);
+    assert!(
+        matches!(&quiet, Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+        "the silenced socket's bytes reached the peer: {quiet:?}"
+    );
+
+    hold.unsilence().unwrap();
+    assert!(!hold.silenced());
+    let rules = lab.run(&a, hold::list_rules).unwrap();
+    assert_eq!(rules.len(), 1, "the ingress rule stays: {rules:?}");
+    // The socket's retransmission now gets through.
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let n = client.read(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"while frozen");
+    hold.release().unwrap();
+    let rules = lab.run(&a, hold::list_rules).unwrap();
+    assert!(rules.is_empty(), "rules left: {rules:?}");
+}
+
+#[test]
+fn silenced_hold_v4() {
+    silenced_hold_cycle("hsil4", "198.18.0.1".parse().unwrap());
+}
+
+#[test]
+fn silenced_hold_v6() {
+    silenced_hold_cycle("hsil6", "fd00:198:18::1".parse().unwrap());
 }
