@@ -292,14 +292,14 @@ impl MoveSession {
                 Phase::Prepared
             }
             (
-                Phase::Start | Phase::Prepared,
+                Phase::Prepared,
                 MoveMessage::Offer {
                     vip, connections, ..
                 },
                 true,
             ) => {
                 vip.validate().map_err(ProtocolError::BadOffer)?;
-                if self.prepared_vip.as_ref().is_some_and(|p| p != vip) {
+                if self.prepared_vip.as_ref() != Some(vip) {
                     return Err(ProtocolError::BadOffer(
                         "the offer is for another VIP than the one prepared".into(),
                     ));
@@ -392,10 +392,26 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_whole_move_is_accepted_at_both_ends() {
+    /// The Prepare that goes before `offer(id, _)`.
+    fn prepare(move_id: u64) -> MoveMessage {
+        let MoveMessage::Offer { vip, .. } = offer(move_id, 0) else {
+            unreachable!()
+        };
+        MoveMessage::Prepare { move_id, vip }
+    }
+
+    /// Sessions that have exchanged the Prepare of move `id`.
+    fn prepared(id: u64) -> (MoveSession, MoveSession) {
         let mut src = MoveSession::new(Role::Source);
         let mut dst = MoveSession::new(Role::Target);
+        src.on_send(&prepare(id)).unwrap();
+        dst.on_receive(&prepare(id)).unwrap();
+        (src, dst)
+    }
+
+    #[test]
+    fn a_whole_move_is_accepted_at_both_ends() {
+        let (mut src, mut dst) = prepared(9);
         let msgs = [
             offer(9, 2),
             MoveMessage::Ready {
@@ -436,6 +452,10 @@ mod tests {
                 held_packets: vec![]
             })
             .is_err());
+        // An offer without its Prepare, a query inside a session.
+        assert!(dst.on_receive(&offer(1, 1)).is_err());
+        assert!(dst.on_receive(&MoveMessage::Query { move_id: 1 }).is_err());
+        let (_, mut dst) = prepared(1);
         dst.on_receive(&offer(1, 1)).unwrap();
         assert!(matches!(
             dst.on_send(&MoveMessage::Ready {
@@ -444,7 +464,7 @@ mod tests {
             }),
             Err(ProtocolError::WrongMove { .. })
         ));
-        let mut src = MoveSession::new(Role::Source);
+        let (mut src, _) = prepared(3);
         src.on_send(&offer(3, 5)).unwrap();
         assert!(matches!(
             src.on_receive(&MoveMessage::Ready {
@@ -458,7 +478,7 @@ mod tests {
 
     #[test]
     fn refusal_aborts_and_bad_offers_are_refused() {
-        let mut src = MoveSession::new(Role::Source);
+        let (mut src, _) = prepared(4);
         src.on_send(&offer(4, 1)).unwrap();
         assert!(matches!(
             src.on_receive(&MoveMessage::Refused {
@@ -469,9 +489,11 @@ mod tests {
         ));
         assert_eq!(src.phase(), Phase::Aborted);
 
-        let mut dst = MoveSession::new(Role::Target);
+        let (_, mut dst) = prepared(5);
         let MoveMessage::Offer {
-            mut connections, ..
+            mut connections,
+            vip,
+            ..
         } = offer(5, 2)
         else {
             unreachable!()
@@ -479,17 +501,38 @@ mod tests {
         connections[1].id = connections[0].id;
         let dup = MoveMessage::Offer {
             move_id: 5,
-            vip: Vip {
-                addr: "::".parse().unwrap(),
-                prefix_len: 128,
-                ports: vec![],
-            },
+            vip,
             service: Vec::new(),
             connections,
             neighbours: Vec::new(),
         };
         assert!(matches!(
             dst.on_receive(&dup),
+            Err(ProtocolError::BadOffer(ref why)) if why.contains("duplicate")
+        ));
+        // An offer for another VIP than the one prepared.
+        let (_, mut dst) = prepared(6);
+        let MoveMessage::Offer {
+            connections,
+            neighbours,
+            ..
+        } = offer(6, 1)
+        else {
+            unreachable!()
+        };
+        let elsewhere = MoveMessage::Offer {
+            move_id: 6,
+            vip: Vip {
+                addr: "198.18.100.9".parse().unwrap(),
+                prefix_len: 32,
+                ports: vec![7000],
+            },
+            service: Vec::new(),
+            connections,
+            neighbours,
+        };
+        assert!(matches!(
+            dst.on_receive(&elsewhere),
             Err(ProtocolError::BadOffer(_))
         ));
     }

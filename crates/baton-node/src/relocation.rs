@@ -451,21 +451,19 @@ where
     };
     let committed = session.on_send(&commit);
     debug_assert!(committed.is_ok());
-    if let Err(source) = write_message(&mut control, &commit).await {
+    let sent = write_message(&mut control, &commit).await;
+    let MoveMessage::Commit { held_packets, .. } = commit else {
+        unreachable!("built above")
+    };
+    if let Err(source) = sent {
         // Not all of Commit reached the kernel: the target cannot have read
         // it, and rolls back when its wait for it ends. So do we.
-        let MoveMessage::Commit { held_packets, .. } = commit else {
-            unreachable!("built above")
-        };
         let e = MoveError::Control {
             peer: target,
             source,
         };
         return Err(roll_back_with(cfg, vip, hold, service, frozen, &held_packets, e).await);
     }
-    let MoveMessage::Commit { held_packets, .. } = commit else {
-        unreachable!("built above")
-    };
     match read_message(&mut control, cfg.step_timeout, "the target's Done").await {
         Ok(m) => {
             if let Err(e) = session.on_receive(&m) {
@@ -744,39 +742,35 @@ pub async fn accept_move<T: Taker, S: ControlIo>(
         let _ = write_message(&mut control, &refuse(first.move_id(), e.to_string())).await;
         return Err(e.into());
     }
-    // Make ready (hold, address) while the source freezes its sockets.
-    let (mut landing, offer) = match first {
-        MoveMessage::Prepare { move_id, vip } => {
-            let landing = match prepare_landing(cfg, &vip).await {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = write_message(&mut control, &refuse(move_id, e.to_string())).await;
-                    return Err(e);
-                }
-            };
-            // The offer may carry large queues: give it time.
-            let offer = match read_message(&mut control, cfg.step_timeout * 4, "an Offer").await {
-                Ok(m) => m,
-                Err(e) => {
-                    landing.undo(cfg).await;
-                    return Err(e);
-                }
-            };
-            if let Err(e) = session.on_receive(&offer) {
-                landing.undo(cfg).await;
-                let _ = write_message(&mut control, &refuse(move_id, e.to_string())).await;
-                return Err(e.into());
-            }
-            (Some(landing), offer)
-        }
-        offer => (None, offer),
+    let MoveMessage::Prepare { move_id, vip } = first else {
+        unreachable!("a session starts with Prepare");
     };
+    // Make ready (hold, address) while the source freezes its sockets.
+    let landing = match prepare_landing(cfg, &vip).await {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = write_message(&mut control, &refuse(move_id, e.to_string())).await;
+            return Err(e);
+        }
+    };
+    // The offer may carry large queues: give it time.
+    let offer = match read_message(&mut control, cfg.step_timeout * 4, "an Offer").await {
+        Ok(m) => m,
+        Err(e) => {
+            landing.undo().await;
+            return Err(e);
+        }
+    };
+    if let Err(e) = session.on_receive(&offer) {
+        landing.undo().await;
+        let _ = write_message(&mut control, &refuse(move_id, e.to_string())).await;
+        return Err(e.into());
+    }
     let MoveMessage::Offer {
-        move_id,
-        vip,
         service,
         connections,
         neighbours,
+        ..
     } = offer
     else {
         unreachable!("the session accepted an Offer");
@@ -784,22 +778,10 @@ pub async fn accept_move<T: Taker, S: ControlIo>(
     let prepared = match taker.prepare(&vip, &service) {
         Ok(p) => p,
         Err(reason) => {
-            if let Some(l) = landing.take() {
-                l.undo(cfg).await;
-            }
+            landing.undo().await;
             let _ = write_message(&mut control, &refuse(move_id, reason.clone())).await;
             return Err(MoveError::Refused(reason));
         }
-    };
-    let landing = match landing {
-        Some(l) => l,
-        None => match prepare_landing(cfg, &vip).await {
-            Ok(l) => l,
-            Err(e) => {
-                let _ = write_message(&mut control, &refuse(move_id, e.to_string())).await;
-                return Err(e);
-            }
-        },
     };
 
     // Clients reachable at once when the sockets go live, not after ARP/ND.
@@ -867,7 +849,7 @@ struct Landing {
 
 impl Landing {
     /// Gives it all up again (the move did not happen).
-    async fn undo(self, _cfg: &MoveConfig) {
+    async fn undo(self) {
         undo_take(
             &self.spec,
             self.taken.already_present,
@@ -904,7 +886,7 @@ async fn take_in<S: ControlIo>(
         match c.tcp_state() {
             Ok(state) => states.push((c.id, state, c.app)),
             Err(e) => {
-                landing.undo(cfg).await;
+                landing.undo().await;
                 return Err(MoveError::State(e));
             }
         }

@@ -201,19 +201,6 @@ fn pipelined_clients_survive_moves(prefix: &str, v6: bool, vrid: Option<u8>) {
     )
     .unwrap();
     let before = c.lab.tcp_counters("client1").unwrap();
-    let hosts = ["client1", "node1", "node2", "node3"];
-    let snap = |c: &Cluster| -> Vec<std::collections::HashMap<String, u64>> {
-        hosts
-            .iter()
-            .map(|h| {
-                c.lab
-                    .run_in(h, baton_net::counters::snapshot)
-                    .unwrap()
-                    .unwrap()
-            })
-            .collect()
-    };
-    let all_before = snap(&c);
 
     let addr = SocketAddr::new(vip, KV_PORT);
     let stop = Arc::new(AtomicBool::new(false));
@@ -274,17 +261,6 @@ fn pipelined_clients_survive_moves(prefix: &str, v6: bool, vrid: Option<u8>) {
         }
     }
     let after = c.lab.tcp_counters("client1").unwrap();
-    if std::env::var_os("BATON_TEST_COUNTERS").is_some() {
-        for ((h, b), a) in hosts.iter().zip(&all_before).zip(snap(&c)) {
-            let mut d: Vec<_> = a
-                .iter()
-                .filter(|(k, v)| **v > b.get(*k).copied().unwrap_or(0) && !k.contains("InSegs"))
-                .map(|(k, v)| format!("{k}={}", v - b.get(k).copied().unwrap_or(0)))
-                .collect();
-            d.sort();
-            eprintln!("{h}: {}", d.join(" "));
-        }
-    }
     eprintln!(
         "{moved} moves (failed: {failed:?}), longest freeze {freeze_max:.1} ms, {pipelines} pipelines, longest wait {max_wait:?}, client resets {}, PAWS drops {}",
         after.resets_since(&before),
