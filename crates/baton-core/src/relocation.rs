@@ -25,6 +25,7 @@
 //! each message is the one expected at that point, so a confused or hostile
 //! peer is refused rather than obeyed.
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
@@ -35,7 +36,7 @@ use crate::wire::{self, WireError};
 /// Frame magic of move messages.
 pub const MAGIC: [u8; 4] = *b"BTMV";
 /// Version of the move protocol this build speaks.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 
 /// A virtual address and the TCP ports of it that a service uses.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,7 +110,10 @@ pub enum MoveMessage {
     /// add the address) while the source freezes its sockets, so the two
     /// ends work at the same time.
     Prepare { move_id: u64, vip: Vip },
-    /// Source → target: take these connections and this VIP.
+    /// Source → target: take this VIP, this application state and these
+    /// connections, the first of `total`; [`MoveMessage::Conns`] brings
+    /// the rest, so the target thaws one batch while the source freezes
+    /// the next.
     Offer {
         move_id: u64,
         vip: Vip,
@@ -117,8 +121,15 @@ pub enum MoveMessage {
         /// opaque here.
         service: Vec<u8>,
         connections: Vec<ConnHandoff>,
+        /// Connections in the whole move.
+        total: u32,
         /// MACs of the connections' peers (or their gateways).
         neighbours: Vec<Neighbour>,
+    },
+    /// Source → target, after the Offer: the next batch of connections.
+    Conns {
+        move_id: u64,
+        connections: Vec<ConnHandoff>,
     },
     /// Target → source: every connection is thawed, the hold is in place.
     Ready { move_id: u64, thawed: u32 },
@@ -158,6 +169,7 @@ impl MoveMessage {
         match self {
             MoveMessage::Prepare { move_id, .. }
             | MoveMessage::Offer { move_id, .. }
+            | MoveMessage::Conns { move_id, .. }
             | MoveMessage::Ready { move_id, .. }
             | MoveMessage::Refused { move_id, .. }
             | MoveMessage::Commit { move_id, .. }
@@ -172,6 +184,7 @@ impl MoveMessage {
         match self {
             MoveMessage::Prepare { .. } => "Prepare",
             MoveMessage::Offer { .. } => "Offer",
+            MoveMessage::Conns { .. } => "Conns",
             MoveMessage::Ready { .. } => "Ready",
             MoveMessage::Refused { .. } => "Refused",
             MoveMessage::Commit { .. } => "Commit",
@@ -196,7 +209,8 @@ pub enum Phase {
     Start,
     /// Prepare sent (source) or received (target); the offer follows.
     Prepared,
-    /// Offer sent (source) or received (target).
+    /// Offer sent (source) or received (target); more batches of
+    /// connections may follow.
     Offered,
     /// Target answered Ready.
     Ready,
@@ -232,7 +246,11 @@ pub struct MoveSession {
     role: Role,
     phase: Phase,
     move_id: Option<u64>,
+    /// Connections offered so far, and in all.
     offered: u32,
+    total: u32,
+    /// Their ids: an id offered twice, in any batch, is refused.
+    ids: BTreeSet<u64>,
     /// The VIP a Prepare announced: the offer must be for it.
     prepared_vip: Option<Vip>,
 }
@@ -244,12 +262,20 @@ impl MoveSession {
             phase: Phase::Start,
             move_id: None,
             offered: 0,
+            total: 0,
+            ids: BTreeSet::new(),
             prepared_vip: None,
         }
     }
 
     pub fn phase(&self) -> Phase {
         self.phase
+    }
+
+    /// Whether the offer's connections are still coming (in
+    /// [`MoveMessage::Conns`] batches).
+    pub fn awaiting_connections(&self) -> bool {
+        self.phase == Phase::Offered && self.offered < self.total
     }
 
     /// Records a message this end sends; refuses one out of order (a bug
@@ -294,7 +320,10 @@ impl MoveSession {
             (
                 Phase::Prepared,
                 MoveMessage::Offer {
-                    vip, connections, ..
+                    vip,
+                    connections,
+                    total,
+                    ..
                 },
                 true,
             ) => {
@@ -304,17 +333,21 @@ impl MoveSession {
                         "the offer is for another VIP than the one prepared".into(),
                     ));
                 }
-                let mut ids: Vec<u64> = connections.iter().map(|c| c.id).collect();
-                ids.sort_unstable();
-                if ids.windows(2).any(|w| w[0] == w[1]) {
-                    return Err(ProtocolError::BadOffer("duplicate connection id".into()));
-                }
-                self.offered = u32::try_from(connections.len())
-                    .map_err(|_| ProtocolError::BadOffer("too many connections".into()))?;
+                self.total = *total;
+                self.add_connections(connections)?;
                 self.move_id = Some(msg.move_id());
                 Phase::Offered
             }
+            (Phase::Offered, MoveMessage::Conns { connections, .. }, true)
+                if self.offered < self.total =>
+            {
+                self.add_connections(connections)?;
+                Phase::Offered
+            }
             (Phase::Offered, MoveMessage::Ready { thawed, .. }, false) => {
+                if self.offered != self.total {
+                    return Err(unexpected);
+                }
                 if *thawed != self.offered {
                     self.phase = Phase::Aborted;
                     return Err(ProtocolError::Incomplete {
@@ -336,6 +369,28 @@ impl MoveSession {
             (Phase::Done, MoveMessage::Late { .. }, true) => Phase::Finished,
             _ => return Err(unexpected),
         };
+        Ok(())
+    }
+
+    /// Counts a batch of offered connections; refuses a duplicate id or
+    /// more than the offer's total.
+    fn add_connections(&mut self, connections: &[ConnHandoff]) -> Result<(), ProtocolError> {
+        let offered = u32::try_from(connections.len())
+            .ok()
+            .and_then(|n| n.checked_add(self.offered))
+            .filter(|n| *n <= self.total)
+            .ok_or_else(|| {
+                ProtocolError::BadOffer(format!("more connections than the {} offered", self.total))
+            })?;
+        for c in connections {
+            if !self.ids.insert(c.id) {
+                return Err(ProtocolError::BadOffer(format!(
+                    "connection id {} offered twice",
+                    c.id
+                )));
+            }
+        }
+        self.offered = offered;
         Ok(())
     }
 }
@@ -385,6 +440,7 @@ mod tests {
             connections: (0..n)
                 .map(|i| ConnHandoff::new(i, &sample_state(), vec![1, 2, 3]))
                 .collect(),
+            total: n as u32,
             neighbours: vec![Neighbour {
                 ip: "198.18.2.1".parse().unwrap(),
                 mac: [2, 0, 0, 0, 0, 1],
@@ -504,11 +560,12 @@ mod tests {
             vip,
             service: Vec::new(),
             connections,
+            total: 2,
             neighbours: Vec::new(),
         };
         assert!(matches!(
             dst.on_receive(&dup),
-            Err(ProtocolError::BadOffer(ref why)) if why.contains("duplicate")
+            Err(ProtocolError::BadOffer(ref why)) if why.contains("twice")
         ));
         // An offer for another VIP than the one prepared.
         let (_, mut dst) = prepared(6);
@@ -529,12 +586,117 @@ mod tests {
             },
             service: Vec::new(),
             connections,
+            total: 1,
             neighbours,
         };
         assert!(matches!(
             dst.on_receive(&elsewhere),
             Err(ProtocolError::BadOffer(_))
         ));
+    }
+
+    /// The offer's first batch and the rest, as the source sends them.
+    fn batched(move_id: u64, sizes: &[u64]) -> Vec<MoveMessage> {
+        let total: u64 = sizes.iter().sum();
+        let MoveMessage::Offer {
+            vip,
+            service,
+            neighbours,
+            connections,
+            ..
+        } = offer(move_id, total)
+        else {
+            unreachable!()
+        };
+        let mut rest = connections.into_iter();
+        let mut msgs = Vec::new();
+        for (i, n) in sizes.iter().enumerate() {
+            let connections: Vec<ConnHandoff> = rest.by_ref().take(*n as usize).collect();
+            msgs.push(if i == 0 {
+                MoveMessage::Offer {
+                    move_id,
+                    vip: vip.clone(),
+                    service: service.clone(),
+                    connections,
+                    total: total as u32,
+                    neighbours: neighbours.clone(),
+                }
+            } else {
+                MoveMessage::Conns {
+                    move_id,
+                    connections,
+                }
+            });
+        }
+        msgs
+    }
+
+    #[test]
+    fn connections_come_in_batches_and_ready_waits_for_all() {
+        let (mut src, mut dst) = prepared(11);
+        let msgs = batched(11, &[2, 3, 1]);
+        for m in &msgs[..2] {
+            src.on_send(m).unwrap();
+            dst.on_receive(m).unwrap();
+        }
+        // Ready before the last batch is out of order.
+        let ready = MoveMessage::Ready {
+            move_id: 11,
+            thawed: 6,
+        };
+        assert!(matches!(
+            dst.clone().on_send(&ready),
+            Err(ProtocolError::Unexpected { .. })
+        ));
+        src.on_send(&msgs[2]).unwrap();
+        dst.on_receive(&msgs[2]).unwrap();
+        // Nothing beyond the total.
+        let extra = batched(11, &[1, 1]).pop().unwrap();
+        assert!(dst.clone().on_receive(&extra).is_err());
+        dst.on_send(&ready).unwrap();
+        src.on_receive(&ready).unwrap();
+        assert_eq!(src.phase(), Phase::Ready);
+    }
+
+    #[test]
+    fn batches_beyond_the_total_or_repeating_an_id_are_refused() {
+        // A batch before any offer.
+        let (_, mut dst) = prepared(12);
+        let conns = batched(12, &[1, 1]).pop().unwrap();
+        assert!(dst.on_receive(&conns).is_err());
+        // More than the total announced.
+        let (_, mut dst) = prepared(13);
+        let mut msgs = batched(13, &[1, 2]);
+        if let MoveMessage::Offer { total, .. } = &mut msgs[0] {
+            *total = 2;
+        }
+        dst.on_receive(&msgs[0]).unwrap();
+        assert!(matches!(
+            dst.on_receive(&msgs[1]),
+            Err(ProtocolError::BadOffer(_))
+        ));
+        // An id of the first batch again in the second.
+        let (_, mut dst) = prepared(14);
+        let mut msgs = batched(14, &[2, 2]);
+        let first_id = match &msgs[0] {
+            MoveMessage::Offer { connections, .. } => connections[0].id,
+            _ => unreachable!(),
+        };
+        if let MoveMessage::Conns { connections, .. } = &mut msgs[1] {
+            connections[1].id = first_id;
+        }
+        dst.on_receive(&msgs[0]).unwrap();
+        assert!(matches!(
+            dst.on_receive(&msgs[1]),
+            Err(ProtocolError::BadOffer(_))
+        ));
+        // An offer whose first batch alone exceeds its total.
+        let (_, mut dst) = prepared(15);
+        let mut msgs = batched(15, &[3]);
+        if let MoveMessage::Offer { total, .. } = &mut msgs[0] {
+            *total = 1;
+        }
+        assert!(dst.on_receive(&msgs[0]).is_err());
     }
 
     #[test]

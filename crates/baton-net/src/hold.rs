@@ -128,7 +128,7 @@ pub fn ensure_not_root_netns() -> Result<(), HoldError> {
 // ---------------------------------------------------------------------------
 // iptables
 
-fn tool_for(vip: IpAddr) -> &'static str {
+pub(crate) fn tool_for(vip: IpAddr) -> &'static str {
     if vip.is_ipv4() {
         "iptables"
     } else {
@@ -138,7 +138,7 @@ fn tool_for(vip: IpAddr) -> &'static str {
 
 /// Runs `tool args…` in `netns` (an open `/proc/…/ns/net`), or in the calling
 /// thread's namespace; returns stdout.
-fn iptables(
+pub(crate) fn iptables(
     tool: &'static str,
     args: &[String],
     netns: Option<&File>,
@@ -684,7 +684,11 @@ impl Hold {
         // Silence first: it must be in place before the ingress rules make
         // anyone freeze a socket. One run for all, all or nothing.
         let all: Vec<Rule> = silence.iter().chain(&rules).cloned().collect();
-        apply_rules(tool, "-I", &all, Some(&hold.netns))?;
+        // This thread is in the namespace already: without a namespace to
+        // enter, the tool is spawned without copying this (large,
+        // many-threaded) process's page tables, which a setns before exec
+        // would need (several ms per move).
+        apply_rules(tool, "-I", &all, None)?;
         hold.rules = rules;
         hold.silence = silence;
         hold.installed_at = Instant::now();

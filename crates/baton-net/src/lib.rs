@@ -3,7 +3,11 @@
 
 pub mod counters;
 pub mod hold;
+pub mod limits;
 pub mod listen;
 pub mod netns;
 pub mod repair;
+pub mod silence;
 pub mod vip;
+
+pub use limits::raise_fd_limit;

@@ -988,10 +988,87 @@ pub fn go_live(fd: BorrowedFd, state: &TcpConnState) -> Result<(), RepairError> 
     result
 }
 
+/// Whether [`go_live_silenced`] can take this socket live before the
+/// move commits: an established connection (a half-closed one finishes
+/// its FIN handshake only once it may speak, through [`go_live`]).
+pub fn can_go_live_silenced(state: &TcpConnState) -> bool {
+    state.state == TcpState::Established
+}
+
+/// Takes a thawed socket out of repair mode with [`crate::silence::SILENT_MARK`]
+/// on it: live, but whatever it sends is dropped until [`speak`]. The
+/// work of going live is then done while the move is still under way.
+/// Nothing is sent that would be lost: no window probe, and unsent bytes
+/// wait for [`speak`]. Closing it again must go through
+/// [`close_silently`] (repair mode first), as for a frozen socket.
+pub fn go_live_silenced(fd: BorrowedFd, state: &TcpConnState) -> Result<(), RepairError> {
+    let result = (|| {
+        set_mark(fd, crate::silence::SILENT_MARK)?;
+        set_repair(fd, TCP_REPAIR_OFF_NO_WP)?;
+        apply_sockopts(fd, &state.sockopts)?;
+        setsockopt_int(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            1,
+            "setsockopt(SO_REUSEADDR)",
+        )
+    })();
+    if result.is_err() {
+        let _ = set_repair(fd, TCP_REPAIR_ON);
+    }
+    result
+}
+
+/// Lets a socket that [`go_live_silenced`] took live speak: its mark
+/// goes, a window probe asks the peer for its view when data is in flight
+/// (as leaving repair mode does, see [`go_live`]), and the bytes never
+/// sent go out.
+pub fn speak(fd: BorrowedFd, state: &TcpConnState) -> Result<(), RepairError> {
+    set_mark(fd, 0)?;
+    if !state.unacked.is_empty() {
+        // Leaving repair mode sends the probe; the connection's state is
+        // untouched by the round trip.
+        set_repair(fd, TCP_REPAIR_ON)?;
+        set_repair(fd, TCP_REPAIR_OFF)?;
+        setsockopt_int(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            1,
+            "setsockopt(SO_REUSEADDR)",
+        )?;
+    }
+    send_all(fd, &state.unsent)
+}
+
+fn set_mark(fd: BorrowedFd, mark: u32) -> Result<(), RepairError> {
+    setsockopt_int(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_MARK,
+        mark as c_int,
+        "setsockopt(SO_MARK)",
+    )
+}
+
 fn go_live_inner(fd: BorrowedFd, state: &TcpConnState) -> Result<(), RepairError> {
-    // Live again; the window probe this sends makes the peer tell us its
-    // current view (acknowledgements and window).
-    set_repair(fd, TCP_REPAIR_OFF)?;
+    // Live again. With data in flight, the window probe TCP_REPAIR_OFF
+    // sends makes the peer tell us at once what it has (its ACK and SACK
+    // blocks start recovery; without it a lost segment would wait for the
+    // RTO of a socket that has no RTT sample, a second). With nothing in
+    // flight the peer has nothing to tell: the probe and the ACK it draws
+    // would only cost both ends a packet, per connection, on the clients'
+    // time.
+    let quiet = state.state == TcpState::Established && state.unacked.is_empty();
+    set_repair(
+        fd,
+        if quiet {
+            TCP_REPAIR_OFF_NO_WP
+        } else {
+            TCP_REPAIR_OFF
+        },
+    )?;
     apply_sockopts(fd, &state.sockopts)?;
     // Repair mode left SO_REUSEADDR off; servers' sockets have it, and a
     // listener must be able to bind this port again later.

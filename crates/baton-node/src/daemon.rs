@@ -61,6 +61,10 @@ impl Node {
     }
 }
 
+/// Open files a node asks for at start: room for tens of thousands of
+/// client connections.
+const FD_LIMIT: u64 = 65_536;
+
 /// Runs the node until SIGTERM or SIGINT; then releases its VIPs and
 /// removes its holds and control socket.
 pub async fn run(cfg: NodeConfig, registry: Registry) -> Result<(), NodeError> {
@@ -80,6 +84,17 @@ pub async fn run(cfg: NodeConfig, registry: Registry) -> Result<(), NodeError> {
     std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))
         .map_err(io_err(format!("securing {}", cfg.state_dir.display())))?;
 
+    // Every client connection is a descriptor, and a move-in adds a
+    // service's worth at once.
+    match baton_net::raise_fd_limit(FD_LIMIT) {
+        Ok(n) if n >= FD_LIMIT => tracing::debug!(open_files = n, "open-file limit"),
+        Ok(n) => tracing::info!(
+            open_files = n,
+            wanted = FD_LIMIT,
+            "open-file limit kept below what a node asks for by the hard limit"
+        ),
+        Err(e) => tracing::warn!(error = %e, "raising the open-file limit"),
+    }
     // What a crashed run may have left: hold rules, VIPs we do not own.
     if let Err(e) = baton_net::hold::sweep() {
         tracing::warn!(error = %e, "sweeping hold rules");

@@ -286,6 +286,10 @@ fn new_move_id() -> u64 {
     nanos ^ u64::from(std::process::id()) << 48
 }
 
+/// Connections frozen (source) and thawed (target) per move message: the
+/// two ends work on different batches at the same time.
+const BATCH: usize = 64;
+
 /// Moves `vip`, the application state and the connections `hand_off`
 /// yields to the node whose move listener is `target`. `hand_off` is called
 /// once the VIP's traffic is held; it must stop the application using those
@@ -353,68 +357,100 @@ where
         }
     };
 
-    // Freeze. A socket that cannot be frozen fails the whole move.
-    let freeze_started = Instant::now();
-    let mut frozen: Vec<(Parked, TcpConnState)> = Vec::with_capacity(parked.len());
-    let mut failure = None;
-    let mut unfrozen = Vec::new();
-    for p in parked {
-        if failure.is_some() {
-            unfrozen.push(p);
-            continue;
-        }
-        match repair::freeze(p.stream.as_fd()) {
-            Ok(state) => frozen.push((p, state)),
-            Err(source) => {
-                failure = Some(MoveError::Repair { id: p.id, source });
-                unfrozen.push(p);
-            }
-        }
-    }
-    let freeze_sockets = freeze_started.elapsed();
-    let mut phases = vec![
-        ("hold", freeze_started - started),
-        ("freeze", freeze_sockets),
-    ];
-    if let Some(error) = failure {
-        return Err(roll_back(cfg, vip, hold, service, frozen, unfrozen, error).await);
-    }
-
     // The peers' MACs (next hops are on the segment in this milestone).
     let peers: Vec<IpAddr> = {
-        let mut p: Vec<IpAddr> = frozen.iter().map(|(_, s)| s.remote.ip()).collect();
+        let mut p: Vec<IpAddr> = parked
+            .iter()
+            .filter_map(|p| p.stream.peer_addr().ok())
+            .map(|a| a.ip())
+            .collect();
         p.sort_unstable();
         p.dedup();
         p
     };
-    let neighbours = vip::neighbours(&cfg.interface, &peers)
-        .await
-        .unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "reading the neighbour table");
-            Vec::new()
-        });
-    let offer = MoveMessage::Offer {
-        move_id,
-        vip: vip.clone(),
-        neighbours,
-        service: service.clone(),
-        connections: frozen
-            .iter()
-            .map(|(p, state)| ConnHandoff::new(p.id, state, p.app.clone()))
-            .collect(),
+    let mut neighbours = Some(
+        vip::neighbours(&cfg.interface, &peers)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "reading the neighbour table");
+                Vec::new()
+            }),
+    );
+
+    // Freeze and send in batches: the target thaws one while we freeze
+    // the next. A socket that cannot be frozen fails the whole move.
+    let freeze_started = Instant::now();
+    let total = parked.len();
+    let Ok(total_u32) = u32::try_from(total) else {
+        let e = MoveError::HandOff(format!("{total} connections are more than a move carries"));
+        return Err(roll_back(cfg, vip, hold, service, Vec::new(), parked, e).await);
     };
-    if let Err(e) = session.on_send(&offer) {
-        return Err(roll_back(cfg, vip, hold, service, frozen, Vec::new(), e.into()).await);
-    }
-    let encoded_at = started.elapsed();
-    if let Err(source) = write_message_within(&mut control, &offer, cfg.step_timeout * 4).await {
-        let e = MoveError::Control {
-            peer: target,
-            source,
+    let mut parked = parked.into_iter();
+    let mut frozen: Vec<(Parked, TcpConnState)> = Vec::with_capacity(total);
+    let mut freezing = Duration::ZERO;
+    let mut encoded_at = None;
+    loop {
+        let batch_started = Instant::now();
+        let mut batch = Vec::with_capacity(BATCH.min(total));
+        let mut failure = None;
+        for p in parked.by_ref().take(BATCH) {
+            match repair::freeze(p.stream.as_fd()) {
+                Ok(state) => {
+                    batch.push(ConnHandoff::new(p.id, &state, p.app.clone()));
+                    frozen.push((p, state));
+                }
+                Err(source) => {
+                    failure = Some((MoveError::Repair { id: p.id, source }, p));
+                    break;
+                }
+            }
+        }
+        freezing += batch_started.elapsed();
+        if let Some((error, p)) = failure {
+            let mut unfrozen = vec![p];
+            unfrozen.extend(parked);
+            return Err(roll_back(cfg, vip, hold, service, frozen, unfrozen, error).await);
+        }
+        let message = match neighbours.take() {
+            Some(neighbours) => MoveMessage::Offer {
+                move_id,
+                vip: vip.clone(),
+                neighbours,
+                service: service.clone(),
+                connections: batch,
+                total: total_u32,
+            },
+            None => MoveMessage::Conns {
+                move_id,
+                connections: batch,
+            },
         };
-        return Err(roll_back(cfg, vip, hold, service, frozen, Vec::new(), e).await);
+        if let Err(e) = session.on_send(&message) {
+            let rest: Vec<Parked> = parked.collect();
+            return Err(roll_back(cfg, vip, hold, service, frozen, rest, e.into()).await);
+        }
+        encoded_at.get_or_insert_with(|| started.elapsed());
+        // A batch may carry large queues: give it time.
+        if let Err(source) =
+            write_message_within(&mut control, &message, cfg.step_timeout * 4).await
+        {
+            let e = MoveError::Control {
+                peer: target,
+                source,
+            };
+            let rest: Vec<Parked> = parked.collect();
+            return Err(roll_back(cfg, vip, hold, service, frozen, rest, e).await);
+        }
+        if frozen.len() == total {
+            break;
+        }
     }
-    drop(offer);
+    let encoded_at = encoded_at.unwrap_or_default();
+    let freeze_sockets = freezing;
+    let mut phases = vec![
+        ("hold", freeze_started - started),
+        ("freeze", freeze_sockets),
+    ];
     phases.push(("offer_encoded", encoded_at));
     phases.push(("offer_sent", started.elapsed()));
     let ready = match read_message(&mut control, cfg.step_timeout, "the target's Ready").await {
@@ -829,7 +865,30 @@ pub async fn accept_move<T: Taker, S: ControlIo>(
     }
 }
 
-type Thawed = Vec<(u64, OwnedFd, TcpConnState, Vec<u8>)>;
+/// Thawed connections: id, socket, state, application bytes, and whether
+/// the socket is live already (silenced until Commit) or still in repair
+/// mode.
+type Thawed = Vec<(u64, OwnedFd, TcpConnState, Vec<u8>, bool)>;
+
+/// Thaws one batch of offered connections into `thawed`. Established ones
+/// go live at once, silenced, so that Commit has little left to do.
+fn thaw_batch(batch: Vec<ConnHandoff>, thawed: &mut Thawed) -> Result<(), MoveError> {
+    thawed.reserve(batch.len());
+    for c in batch {
+        let state = c.tcp_state().map_err(MoveError::State)?;
+        let fd =
+            repair::rebuild(&state).map_err(|source| MoveError::Repair { id: c.id, source })?;
+        let live = repair::can_go_live_silenced(&state);
+        if live {
+            if let Err(source) = repair::go_live_silenced(fd.as_fd(), &state) {
+                close_silently(fd);
+                return Err(MoveError::Repair { id: c.id, source });
+            }
+        }
+        thawed.push((c.id, fd, state, c.app, live));
+    }
+    Ok(())
+}
 
 /// What the target holds between Ready and Commit.
 struct TakenIn {
@@ -862,6 +921,9 @@ impl Landing {
 
 async fn prepare_landing(cfg: &MoveConfig, vip: &Vip) -> Result<Landing, MoveError> {
     let t0 = Instant::now();
+    // Thawed sockets go live silenced before Commit: the rule that keeps
+    // them silent must be there.
+    baton_net::silence::ensure_rule(vip.addr)?;
     let hold = install_hold(cfg, vip, HoldFor::Target)?;
     let t1 = Instant::now();
     let spec = cfg.spec(vip);
@@ -881,29 +943,30 @@ async fn take_in<S: ControlIo>(
     connections: Vec<ConnHandoff>,
     landing: Landing,
 ) -> Result<TakenIn, MoveError> {
-    let mut states = Vec::with_capacity(connections.len());
-    for c in connections {
-        match c.tcp_state() {
-            Ok(state) => states.push((c.id, state, c.app)),
-            Err(e) => {
-                landing.undo().await;
-                return Err(MoveError::State(e));
-            }
-        }
-    }
     let Landing { hold, taken, spec } = landing;
     let started = Instant::now();
-    let mut thawed: Thawed = Vec::with_capacity(states.len());
-    let mut failure = None;
-    for (id, state, app) in states {
-        match repair::rebuild(&state) {
-            Ok(fd) => thawed.push((id, fd, state, app)),
-            Err(source) => {
-                failure = Some(MoveError::Repair { id, source });
-                break;
-            }
+    let mut thawed: Thawed = Vec::new();
+    let mut batch = connections;
+    let failure = loop {
+        if let Err(e) = thaw_batch(batch, &mut thawed) {
+            break Some(e);
         }
-    }
+        if !session.awaiting_connections() {
+            break None;
+        }
+        // The next batch; the source freezes the one after meanwhile.
+        let next = match read_message(control, cfg.step_timeout * 4, "more connections").await {
+            Ok(m) => m,
+            Err(e) => break Some(e),
+        };
+        if let Err(e) = session.on_receive(&next) {
+            break Some(e.into());
+        }
+        match next {
+            MoveMessage::Conns { connections, .. } => batch = connections,
+            _ => unreachable!("the session accepts only Conns here"),
+        }
+    };
     let thaw_sockets = started.elapsed();
     let mut announcing = None;
     let sent = match failure {
@@ -973,7 +1036,7 @@ async fn undo_take(spec: &VipSpec, vip_was_here: bool, hold: Hold, thawed: Thawe
     {
         pending.abort();
     }
-    for (_, fd, _, _) in thawed {
+    for (_, fd, _, _, _) in thawed {
         close_silently(fd);
     }
     if !vip_was_here {
@@ -1022,9 +1085,15 @@ where
     record_outcome(move_id, Outcome::Committed);
 
     let connections = thawed.len();
+    let committed_at = Instant::now();
     let mut parked = Vec::with_capacity(connections);
-    for (id, fd, state, app) in thawed {
-        match repair::go_live(fd.as_fd(), &state) {
+    for (id, fd, state, app, live) in thawed {
+        let result = if live {
+            repair::speak(fd.as_fd(), &state)
+        } else {
+            repair::go_live(fd.as_fd(), &state)
+        };
+        match result {
             Ok(()) => parked.push(Parked {
                 id,
                 stream: std::net::TcpStream::from(fd),
@@ -1041,6 +1110,7 @@ where
     // other way round, a client's older segments would arrive after its
     // newer ones and be dropped by our PAWS check (their timestamps are
     // older), and the client would have to send them again.
+    let live_at = Instant::now();
     let injected_packets = hold::inject(&held_from_source).unwrap_or_else(|e| {
         tracing::error!(error = %e, "re-injecting the packets the source held");
         0
@@ -1054,7 +1124,16 @@ where
             tracing::warn!(full, undelivered, "the hold's queue dropped packets");
         }
     }
+    let accepted_at = Instant::now();
     adopt(parked);
+    tracing::debug!(
+        go_live = ?live_at - committed_at,
+        injected = injected_packets,
+        accepted = held_packets,
+        let_in = ?accepted_at - live_at,
+        adopt = ?accepted_at.elapsed(),
+        "move in committed"
+    );
     let done = MoveMessage::Done { move_id };
     session.on_send(&done)?;
     if let Err(e) = write_message(control, &done).await {

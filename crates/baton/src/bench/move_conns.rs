@@ -1,6 +1,7 @@
-//! `baton bench move-conns`: live connections moved between three lab
-//! nodes by the move agents, with request/response clients timing every
-//! exchange.
+//! `baton bench move-conns`: live connections moved between three
+//! `baton node` processes in a lab (the echo service, moved with `ctl
+//! move` round the nodes), with request/response clients timing every
+//! exchange and checking every reply byte.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,12 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use baton_core::relocation::Vip;
+use baton_lab::cluster::{Cluster, ServiceSpec};
 use baton_lab::Lab;
-use baton_node::echo_host::Ledger;
-use baton_node::move_agent::{AgentConfig, MoveAgent};
-use baton_node::relocation::MoveConfig;
 use serde::Serialize;
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::stats::{ms, percentile};
@@ -81,37 +80,45 @@ fn move_conns(
     request_bytes: usize,
     ipv6: bool,
 ) -> Result<MoveConnsResult> {
+    const SERVICE: &str = "echo";
     const SERVICE_PORT: u16 = 7000;
-    const MOVE_PORT: u16 = 7700;
     if connections == 0 {
         bail!("--connections must be at least 1");
     }
+    // The clients' descriptors, and the nodes' (they inherit the limit).
+    let wanted = connections as u64 + 256;
+    let limit = baton_net::raise_fd_limit(wanted).context("raising the open-file limit")?;
+    if limit < wanted {
+        bail!("{connections} connections need {wanted} open files; the hard limit allows {limit} (raise it with `ulimit -Hn`)");
+    }
     let lab = Lab::create(&Lab::unique_name("bmc"), 3, 1)?;
     let (v4, v6) = Lab::vip(1);
-    let vip = Vip {
-        addr: if ipv6 { IpAddr::V6(v6) } else { IpAddr::V4(v4) },
-        prefix_len: if ipv6 { 64 } else { 16 },
-        ports: vec![SERVICE_PORT],
+    let (addr, prefix_len) = if ipv6 {
+        (IpAddr::V6(v6), 64)
+    } else {
+        (IpAddr::V4(v4), 16)
     };
-    let ledger = Arc::new(Ledger::default());
-    let agents = (1..=3)
-        .map(|i| {
-            let host = lab.host(&format!("node{i}"))?;
-            MoveAgent::start(
-                AgentConfig {
-                    netns: host.netns_path(),
-                    node_addr: host.addr(ipv6),
-                    move_port: MOVE_PORT,
-                    service_port: SERVICE_PORT,
-                    moves: MoveConfig::new("eth0"),
-                    initial_vip: (i == 1).then(|| vip.clone()),
-                },
-                ledger.clone(),
-            )
-            .map_err(|e| anyhow!("starting the agent on node{i}: {e}"))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let before = lab.tcp_counters("client1")?;
+    let bin = std::env::current_exe().context("locating the baton binary")?;
+    let cluster = Cluster::start(
+        lab,
+        &bin,
+        &[ServiceSpec {
+            name: SERVICE.into(),
+            kind: "echo".into(),
+            vip: addr,
+            prefix_len,
+            ports: vec![SERVICE_PORT],
+            preferred_node: "node1".into(),
+        }],
+    )?;
+    let serving = Instant::now();
+    while cluster.running_on("node1", SERVICE).as_deref() != Some("node1") {
+        if serving.elapsed() > Duration::from_secs(10) {
+            bail!("the echo service did not start on node1");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = cluster.lab.tcp_counters("client1")?;
 
     // Clients: one tokio task per connection, request/response in a loop.
     let stop = Arc::new(AtomicBool::new(false));
@@ -124,8 +131,8 @@ fn move_conns(
     let clients = {
         let stop = stop.clone();
         let totals = totals.clone();
-        let target = SocketAddr::new(vip.addr, SERVICE_PORT);
-        lab.spawn_in("client1", move || {
+        let target = SocketAddr::new(addr, SERVICE_PORT);
+        cluster.lab.spawn_in("client1", move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -141,34 +148,41 @@ fn move_conns(
         })?
     };
     ready_rx
-        .recv_timeout(Duration::from_secs(30))
+        .recv_timeout(Duration::from_secs(60))
         .context("clients did not connect")?;
 
+    let nodes = ["node1", "node2", "node3"];
     let mut freezes = Vec::new();
     let mut windows = Vec::new();
     let mut errors = 0u64;
     let mut at = 0usize;
     std::thread::sleep(Duration::from_millis(300));
     for _ in 0..moves {
-        let next = (at + 1) % agents.len();
+        let next = (at + 1) % nodes.len();
         let started = Instant::now();
-        match agents[at].move_to(agents[next].move_addr, &vip) {
-            Ok(report) => {
-                if report.connections != connections {
+        let answer = cluster.request(
+            nodes[at],
+            &json!({"op": "move", "service": SERVICE, "to": nodes[next]}),
+        );
+        let ended = Instant::now();
+        match answer {
+            Ok(a) if a["result"] == "moved" => {
+                let moved = a["connections"].as_u64().unwrap_or(0);
+                if moved != connections as u64 {
                     errors += 1;
-                    tracing::error!(
-                        moved = report.connections,
-                        connections,
-                        "not every connection moved"
-                    );
+                    tracing::error!(moved, connections, "not every connection moved");
                 }
-                freezes.push(ms(report.freeze));
-                windows.push((started, Instant::now()));
+                freezes.push(a["freeze_ms"].as_f64().unwrap_or(f64::NAN));
+                windows.push((started, ended));
                 at = next;
+            }
+            Ok(a) => {
+                errors += 1;
+                tracing::error!(answer = %a, "move refused");
             }
             Err(e) => {
                 errors += 1;
-                tracing::error!(error = %e, "move failed");
+                tracing::error!(error = %e, "move request failed");
             }
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -178,8 +192,8 @@ fn move_conns(
         .join()
         .map_err(|_| anyhow!("client thread panicked"))?
         .map_err(|e| anyhow!("{e}"))?;
-    let after = lab.tcp_counters("client1")?;
-    drop(agents);
+    let after = cluster.lab.tcp_counters("client1")?;
+    drop(cluster);
 
     let totals = Arc::try_unwrap(totals)
         .map_err(|_| anyhow!("client totals still shared"))?
