@@ -282,9 +282,9 @@ fn ip_error(e: SliceError) -> PacketError {
         SliceError::IpHeaders(HeadersError::Ip(HeaderError::UnsupportedIpVersion {
             version_number,
         })) => PacketError::IpVersion(version_number),
-        SliceError::IpHeaders(HeadersError::Ip(HeaderError::Ipv4HeaderLengthSmallerThanHeader {
-            ihl,
-        })) => PacketError::Ipv4HeaderLength { ihl },
+        SliceError::IpHeaders(HeadersError::Ip(
+            HeaderError::Ipv4HeaderLengthSmallerThanHeader { ihl },
+        )) => PacketError::Ipv4HeaderLength { ihl },
         SliceError::IpHeaders(HeadersError::Ipv4Ext(_) | HeadersError::Ipv6Ext(_)) => {
             PacketError::BadExtension
         }
@@ -479,8 +479,7 @@ impl Builder {
     pub fn timestamp(mut self, tsval: u32, tsecr: u32) -> Builder {
         self.options.push(TcpOptionElement::Noop);
         self.options.push(TcpOptionElement::Noop);
-        self.options
-            .push(TcpOptionElement::Timestamp(tsval, tsecr));
+        self.options.push(TcpOptionElement::Timestamp(tsval, tsecr));
         self
     }
 

@@ -93,11 +93,11 @@ fn unknown_options_are_skipped_by_length() {
 #[test]
 fn malformed_options_are_refused() {
     for (raw, kind) in [
-        (&[2u8, 3, 5, 0][..], 2),    // MSS of length 3
-        (&[8, 10, 0, 0][..], 8),     // timestamp cut short
-        (&[30, 0, 0, 0][..], 30),    // unknown kind, length 0 (would loop)
-        (&[30, 1, 0, 0][..], 30),    // unknown kind, length 1
-        (&[30, 9, 0, 0][..], 30),    // unknown kind, past the header
+        (&[2u8, 3, 5, 0][..], 2),                        // MSS of length 3
+        (&[8, 10, 0, 0][..], 8),                         // timestamp cut short
+        (&[30, 0, 0, 0][..], 30),                        // unknown kind, length 0 (would loop)
+        (&[30, 1, 0, 0][..], 30),                        // unknown kind, length 1
+        (&[30, 9, 0, 0][..], 30),                        // unknown kind, past the header
         (&[5, 11, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0][..], 5), // SACK of length 11
     ] {
         let p = Builder::new(v4()).ack(1).raw_options(raw).build();
@@ -108,7 +108,10 @@ fn malformed_options_are_refused() {
         );
     }
     // End of options stops the walk: what follows is padding.
-    let p = Builder::new(v4()).ack(1).raw_options(&[0, 30, 0, 0]).build();
+    let p = Builder::new(v4())
+        .ack(1)
+        .raw_options(&[0, 30, 0, 0])
+        .build();
     assert!(parse(&p, TcpChecksum::Verify).is_ok());
 }
 
@@ -122,7 +125,10 @@ fn tcp_checksum_checked_only_when_asked() {
             parse(&p, TcpChecksum::Verify),
             Err(PacketError::TcpChecksum)
         );
-        assert_eq!(parse(&p, TcpChecksum::Trusted).unwrap().payload[11], b'd' ^ 0x40);
+        assert_eq!(
+            parse(&p, TcpChecksum::Trusted).unwrap().payload[11],
+            b'd' ^ 0x40
+        );
     }
 }
 
@@ -134,7 +140,11 @@ fn partial_checksum_packets_pass_when_trusted() {
             parse(&p, TcpChecksum::Verify),
             Err(PacketError::TcpChecksum)
         );
-        let s = parse(&p, TcpChecksum::from_skb_info(NFQA_SKB_CSUMNOTREADY | NFQA_SKB_GSO)).unwrap();
+        let s = parse(
+            &p,
+            TcpChecksum::from_skb_info(NFQA_SKB_CSUMNOTREADY | NFQA_SKB_GSO),
+        )
+        .unwrap();
         assert_eq!(s.payload, b"hello, world");
         // Finish the sum as a device would (over the segment, the partial
         // field included): the packet then checks.
@@ -167,7 +177,12 @@ fn skb_info_mapping() {
 fn super_packets_longer_than_any_mtu_parse() {
     let payload = vec![7u8; 60_000];
     for conn in [v4(), v6()] {
-        let p = Builder::new(conn).seq(1).ack(2).payload(&payload).partial_checksum().build();
+        let p = Builder::new(conn)
+            .seq(1)
+            .ack(2)
+            .payload(&payload)
+            .partial_checksum()
+            .build();
         let s = parse(&p, TcpChecksum::Trusted).unwrap();
         assert_eq!(s.payload.len(), 60_000);
     }
@@ -218,10 +233,7 @@ fn lengths() {
     let mut p = full(v6()).build();
     p[4] = 0;
     p[5] = 0;
-    assert_eq!(
-        parse(&p, TcpChecksum::Trusted),
-        Err(PacketError::Jumbogram)
-    );
+    assert_eq!(parse(&p, TcpChecksum::Trusted), Err(PacketError::Jumbogram));
 
     // IP length shorter than a TCP header.
     let mut p = Builder::new(v4()).ack(1).build();
@@ -230,7 +242,10 @@ fn lengths() {
     fix_ipv4_checksum(&mut p);
     assert!(matches!(
         parse(&p, TcpChecksum::Trusted),
-        Err(PacketError::Truncated { needed: 20, got: 10 })
+        Err(PacketError::Truncated {
+            needed: 20,
+            got: 10
+        })
     ));
 }
 
@@ -238,7 +253,10 @@ fn lengths() {
 fn ip_header_fields() {
     let mut p = full(v4()).build();
     p[0] = 0x55;
-    assert_eq!(parse(&p, TcpChecksum::Trusted), Err(PacketError::IpVersion(5)));
+    assert_eq!(
+        parse(&p, TcpChecksum::Trusted),
+        Err(PacketError::IpVersion(5))
+    );
 
     let mut p = full(v4()).build();
     p[0] = 0x44;
@@ -250,11 +268,17 @@ fn ip_header_fields() {
     let mut p = full(v4()).build();
     p[9] = 17;
     fix_ipv4_checksum(&mut p);
-    assert_eq!(parse(&p, TcpChecksum::Trusted), Err(PacketError::NotTcp(17)));
+    assert_eq!(
+        parse(&p, TcpChecksum::Trusted),
+        Err(PacketError::NotTcp(17))
+    );
 
     let mut p = full(v6()).build();
     p[6] = 17;
-    assert_eq!(parse(&p, TcpChecksum::Trusted), Err(PacketError::NotTcp(17)));
+    assert_eq!(
+        parse(&p, TcpChecksum::Trusted),
+        Err(PacketError::NotTcp(17))
+    );
 
     // More-fragments bit.
     let mut p = full(v4()).build();
@@ -318,7 +342,9 @@ fn urgent_pointer_and_flags() {
         .build();
     let s = parse(&p, TcpChecksum::Verify).unwrap();
     assert_eq!(s.urgent, 3);
-    assert!(s.flags.contains(TcpFlags::URG | TcpFlags::FIN | TcpFlags::ACK));
+    assert!(s
+        .flags
+        .contains(TcpFlags::URG | TcpFlags::FIN | TcpFlags::ACK));
     assert!(s.flags.contains(TcpFlags::ECE | TcpFlags::CWR));
     assert!(!s.flags.contains(TcpFlags::SYN));
     assert_eq!(s.seq_len(), 4);

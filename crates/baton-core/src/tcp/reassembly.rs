@@ -28,6 +28,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
 use crate::packet::{Segment, TcpFlags, Timestamp};
 
@@ -117,32 +118,44 @@ pub enum Event {
 }
 
 /// Why a segment was refused (or, for [`Refusal::Duplicate`], not needed).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Error)]
 pub enum Refusal {
     /// Neither ACK, RST nor SYN set: the kernel drops such segments.
+    #[error("neither ACK, RST nor SYN set")]
     NoAck,
     /// PAWS: a timestamp older than the newest in-order one.
+    #[error("timestamp older than ts_recent (PAWS)")]
     Paws,
     /// Entirely before `rcv_nxt`: a retransmission of what we have.
+    #[error("entirely before rcv_nxt")]
     OldSequence,
     /// Entirely received already, though its ACK was used.
+    #[error("data already received")]
     Duplicate,
     /// Starts past the receive window.
+    #[error("beyond the receive window")]
     OutOfWindow,
     /// A SYN on an established connection (challenge ACK).
+    #[error("SYN on an established connection")]
     Syn,
     /// An RST inside the window but not at `rcv_nxt` (challenge ACK).
+    #[error("RST in the window but not at rcv_nxt")]
     RstNotExact,
     /// An RST outside the window (dropped silently).
+    #[error("RST outside the window")]
     RstOutOfWindow,
     /// Acknowledges data older than the client's window (RFC 5961 5.2;
     /// challenge ACK).
+    #[error("acknowledges data older than the client's window")]
     AckTooOld,
     /// Acknowledges data the service has not sent.
+    #[error("acknowledges data not sent")]
     AckUnsent,
     /// Data past the client's FIN.
+    #[error("data past the client's FIN")]
     AfterFin,
     /// The connection was reset.
+    #[error("connection reset")]
     Closed,
 }
 
@@ -269,7 +282,9 @@ impl Reassembler {
         Reassembler {
             base: syn.isn.wrapping_add(1),
             rcv_off: 0,
-            max_window: server.max_window.max(1),
+            // Sequence comparisons hold within half the space; no scaled
+            // window comes near 2^30.
+            max_window: server.max_window.clamp(1, 1 << 30),
             ooo: BTreeMap::new(),
             ooo_bytes: 0,
             fin_off: None,
@@ -356,10 +371,11 @@ impl Reassembler {
     }
 
     /// Applies one committed client segment of this connection. `now_ms` is
-    /// the log's time. On a refusal nothing changed but the counters (and
-    /// for [`Refusal::Duplicate`] and [`Refusal::OutOfWindow`] of a segment
-    /// inside the sequence check, the ACK fields were used, as the kernel
-    /// uses them).
+    /// the log's time. A refusal changes nothing but the counters and a
+    /// [`Event::ChallengeAck`], except that the refusals found after the
+    /// ACK check ([`Refusal::Duplicate`], and [`Refusal::OutOfWindow`] or
+    /// [`Refusal::AfterFin`] of a segment inside the sequence window) leave
+    /// its ACK, window and timestamp used, as the kernel uses them.
     pub fn handle_segment(&mut self, seg: &Segment<'_>, now_ms: u64) -> Result<(), Refusal> {
         let outcome = self.apply(seg, now_ms);
         match outcome {

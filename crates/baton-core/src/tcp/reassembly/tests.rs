@@ -209,10 +209,7 @@ fn sequence_numbers_wrap() {
     assert_eq!(c.stream(), (b"helloworld".to_vec(), Outcome::Open));
     assert_eq!(c.r.rcv_nxt(), 7);
     assert_eq!(c.feed(c.data(0, b"he")), Err(Refusal::OldSequence));
-    assert_eq!(
-        c.feed(c.data(65535 + 10, b"x")),
-        Err(Refusal::OutOfWindow)
-    );
+    assert_eq!(c.feed(c.data(65535 + 10, b"x")), Err(Refusal::OutOfWindow));
 }
 
 #[test]
@@ -418,7 +415,10 @@ fn client_ack_and_window() {
     };
     c.feed(ack(&c, 0, SERVER_ISN + 1001, 300)).unwrap();
     let v = c.r.client();
-    assert_eq!((v.snd_una, v.snd_wnd, v.snd_wl1), (SERVER_ISN + 1001, 300 << 7, c.seq(0)));
+    assert_eq!(
+        (v.snd_una, v.snd_wnd, v.snd_wl1),
+        (SERVER_ISN + 1001, 300 << 7, c.seq(0))
+    );
     // Same ACK, same wl1, smaller window: not believed.
     c.feed(ack(&c, 0, SERVER_ISN + 1001, 200)).unwrap();
     assert_eq!(c.r.client().snd_wnd, 300 << 7);
@@ -431,7 +431,10 @@ fn client_ack_and_window() {
     c.feed(c.data(1, b"y").ack(SERVER_ISN + 1001).window(100))
         .unwrap();
     let v = c.r.client();
-    assert_eq!((v.snd_wnd, v.snd_wl1, v.max_window), (100 << 7, c.seq(1), 400 << 7));
+    assert_eq!(
+        (v.snd_wnd, v.snd_wl1, v.max_window),
+        (100 << 7, c.seq(1), 400 << 7)
+    );
     // An old ACK's window is not believed, its data is used.
     c.feed(c.data(2, b"z").ack(SERVER_ISN + 500).window(900))
         .unwrap();
@@ -453,7 +456,8 @@ fn acks_of_unsent_or_long_acknowledged_data_drop_the_segment() {
         Err(Refusal::AckUnsent)
     );
     c.r.queue_output(10);
-    c.feed(c.data(0, b"a").ack(SERVER_ISN + 11).window(4)).unwrap();
+    c.feed(c.data(0, b"a").ack(SERVER_ISN + 11).window(4))
+        .unwrap();
     // Window 4 (never larger), 10 bytes acknowledged: ACKs back to
     // snd_una - 4 are old but fine, older ones are refused.
     c.feed(c.data(1, b"b").ack(SERVER_ISN + 7)).unwrap();
@@ -561,7 +565,10 @@ fn syn_parameters() {
         );
     }
     // A window scale above 14 is clamped, as the kernel does.
-    let syn = ClientSyn { wscale: Some(20), ..s };
+    let syn = ClientSyn {
+        wscale: Some(20),
+        ..s
+    };
     let server = ServerParams {
         isn: 1,
         wscale: Some(0),
@@ -570,7 +577,10 @@ fn syn_parameters() {
         max_window: 1000,
     };
     assert_eq!(Reassembler::new(&syn, &server, 0).client().wscale, 14);
-    let server = ServerParams { wscale: None, ..server };
+    let server = ServerParams {
+        wscale: None,
+        ..server
+    };
     assert_eq!(Reassembler::new(&syn, &server, 0).client().wscale, 0);
 }
 
@@ -592,8 +602,11 @@ enum Bad {
 fn any_bad() -> impl Strategy<Value = Bad> {
     prop_oneof![
         (0u32..1_000_000).prop_map(Bad::OutOfWindow),
-        prop_oneof![2i32..70_000, -70_000i32..-1]
-            .prop_map(|d| Bad::Rst(if d == -1 { -2 } else { d })),
+        prop_oneof![2i32..70_000, -70_000i32..-1].prop_map(|d| Bad::Rst(if d == -1 {
+            -2
+        } else {
+            d
+        })),
         any::<u32>().prop_map(Bad::Syn),
         Just(Bad::AckUnsent),
         Just(Bad::StaleTimestamp),
