@@ -3,7 +3,9 @@
 //! tested with plain and property tests and behaves the same on every node.
 
 pub mod log;
+pub mod packet;
 pub mod relocation;
 pub mod service;
+pub mod tcp;
 pub mod tcp_state;
 pub mod wire;
