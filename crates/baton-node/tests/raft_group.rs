@@ -105,7 +105,7 @@ struct Node {
     addr: SocketAddr,
     auth: Option<Arc<PeerAuth>>,
     slot: Arc<Mutex<Option<Arc<RaftGroup>>>>,
-    listener: JoinHandle<()>,
+    listener: Mutex<Option<JoinHandle<()>>>,
     app: Arc<Mutex<App>>,
 }
 
@@ -199,7 +199,7 @@ impl Cluster {
                 addr,
                 auth,
                 slot,
-                listener,
+                listener: Mutex::new(Some(listener)),
                 app: Arc::new(Mutex::new(App::default())),
             });
         }
@@ -243,7 +243,11 @@ impl Cluster {
     /// Stops node `i` as a crash would: its listener closes and its group
     /// (threads, connections) goes.
     async fn stop(&self, i: usize) {
-        self.nodes[i].listener.abort();
+        let listener = self.nodes[i].listener.lock().unwrap().take();
+        if let Some(l) = listener {
+            l.abort();
+            let _ = l.await;
+        }
         let g = self.nodes[i].slot.lock().unwrap().take();
         if let Some(g) = g {
             // Connections being handed over hold the group for a moment.
@@ -252,6 +256,19 @@ impl Cluster {
             }
             drop(g);
         }
+    }
+
+    /// Listens again on node `i`'s address, as a restarted node would.
+    async fn relisten(&self, i: usize) {
+        let n = &self.nodes[i];
+        let l = loop {
+            match TcpListener::bind(n.addr).await {
+                Ok(l) => break l,
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        };
+        let task = tokio::spawn(listen(l, n.auth.clone(), n.slot.clone()));
+        *n.listener.lock().unwrap() = Some(task);
     }
 
     fn running(&self) -> impl Iterator<Item = (usize, &Node)> {
@@ -341,7 +358,9 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         for n in &self.nodes {
-            n.listener.abort();
+            if let Some(l) = n.listener.lock().unwrap().take() {
+                l.abort();
+            }
             let g = n.slot.lock().unwrap().take();
             drop(g);
         }
@@ -619,6 +638,65 @@ async fn a_new_member_catches_up_from_a_snapshot_and_the_quorum_is_kept() {
     d.phase("the two remaining voters go on");
     c.propose_all(payloads("d", 100)).await;
     c.converged(700).await;
+}
+
+#[tokio::test]
+async fn a_restarted_node_rejoins_under_a_new_id_and_replaces_its_old_self() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let d = Deadline::start("restart", Duration::from_secs(120));
+    let c = Cluster::new(3, true, patient_config()).await;
+    c.found(3);
+    c.propose_all(payloads("a", 200)).await;
+    c.converged(200).await;
+    let l = c.leader().await;
+    let leader = c.nodes[l].group();
+    let r = (l + 1) % 3;
+    let old_id = c.nodes[r].group().id();
+
+    d.phase("a follower restarts: it forgot its log and votes");
+    c.stop(r).await;
+    c.propose_all(payloads("b", 100)).await;
+    let members = leader.status().await.unwrap().membership.voters;
+    let new_id = c.join(r, members);
+    c.relisten(r).await;
+    assert_ne!(new_id, old_id);
+    // The leader still sends to the old id: the new incarnation refuses it.
+    let counters = c.nodes[r].group().counters().clone();
+    eventually(
+        "messages for the old id refused",
+        Duration::from_secs(10),
+        || counters.stale_target.load(Relaxed) > 0,
+    )
+    .await;
+
+    d.phase("it joins as a learner, catches up, is promoted; its old self goes");
+    leader
+        .add_learner(new_id, c.nodes[r].member())
+        .await
+        .unwrap();
+    c.converged(300).await;
+    loop {
+        match leader.promote(new_id).await {
+            Ok(_) => break,
+            Err(ChangeError::NotCaughtUp { .. }) => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            Err(e) => panic!("promotion refused: {e}"),
+        }
+    }
+    let m = leader.remove(old_id).await.unwrap();
+    assert!(m.voters.contains_key(&new_id) && !m.voters.contains_key(&old_id));
+    assert_eq!(m.voters.len(), 3);
+    c.propose_all(payloads("c", 100)).await;
+    let log = c.converged(400).await;
+    assert_eq!(log.len(), 400);
+    let stale = counters.stale_target.load(Relaxed);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        counters.stale_target.load(Relaxed),
+        stale,
+        "no one talks to the old id once it is removed"
+    );
 }
 
 #[tokio::test]

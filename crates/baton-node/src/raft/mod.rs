@@ -55,7 +55,7 @@
 //! snapshot thread's connection (see [`transport`]); raft's own snapshot
 //! message carries the metadata only.
 
-pub mod driver;
+mod driver;
 pub mod storage;
 pub mod transport;
 

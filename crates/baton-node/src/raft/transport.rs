@@ -459,8 +459,14 @@ async fn link(
         match tokio::time::timeout(CONNECT_TIMEOUT, connect(&shared, Channel::Raft, to)).await {
             Ok(Ok(stream)) => {
                 shared.counters.connects.fetch_add(1, Ordering::Relaxed);
-                backoff = MIN_BACKOFF;
-                match pump(&shared, stream, &mut rx).await {
+                let up = tokio::time::Instant::now();
+                let pumped = pump(&shared, stream, &mut rx).await;
+                // A connection the peer drops at once (it refuses this id,
+                // say) must not make a reconnect loop.
+                if up.elapsed() >= MAX_BACKOFF {
+                    backoff = MIN_BACKOFF;
+                }
+                match pumped {
                     Ok(()) => return,
                     Err(e) => {
                         tracing::debug!(group = %shared.cfg.group, to, error = %e, "raft connection lost")
