@@ -7,5 +7,6 @@ pub mod daemon;
 pub mod echo_host;
 pub mod move_agent;
 pub mod peer;
+pub mod raft;
 pub mod relocation;
 pub mod runtime;

@@ -1,6 +1,6 @@
 //! The cluster listener's security: every connection between nodes
 //! (status queries, forwarded moves, the move protocol, and the raft
-//! messages to come) is authenticated and encrypted before any byte of it
+//! messages of [`crate::raft`]) is authenticated and encrypted before any byte of it
 //! is parsed.
 //!
 //! A node proves who it is with its static key (listed for it in
@@ -497,8 +497,9 @@ pub struct WrongSender {
     pub claimed: String,
 }
 
-/// Every message that names its sender (the hello now, raft's `from`
-/// later) is checked against the authenticated node with this.
+/// Every message that names its sender (the hello, and the raft id a raft
+/// connection claims, see [`crate::raft::transport`]) is checked against
+/// the authenticated node with this.
 pub fn check_sender(authenticated: &str, claimed: &str) -> Result<(), WrongSender> {
     if authenticated == claimed {
         Ok(())
@@ -579,6 +580,22 @@ impl AsyncWrite for ControlStream {
             ControlStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             ControlStream::Authenticated(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+impl ControlStream {
+    /// The same connection with its socket registered with the reactor of
+    /// the runtime this is called in, so that its readiness no longer
+    /// depends on the runtime that accepted it (a raft group's thread
+    /// takes its connections over this way).
+    pub fn reregister(self) -> io::Result<ControlStream> {
+        let move_socket = |s: TcpStream| TcpStream::from_std(s.into_std()?);
+        Ok(match self {
+            ControlStream::Plain(s) => ControlStream::Plain(move_socket(s)?),
+            ControlStream::Authenticated(s) => {
+                ControlStream::Authenticated(Box::new((*s).map_io(move_socket)?))
+            }
+        })
     }
 }
 

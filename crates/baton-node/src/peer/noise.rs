@@ -130,8 +130,9 @@ pub async fn respond_start<S: AsyncRead + AsyncWrite + Unpin>(
         Err(e) => return Err(e.into()),
     }
     if preamble != PREAMBLE {
-        let plain_frame =
-            preamble == baton_core::relocation::MAGIC || preamble == crate::control::PEER_MAGIC;
+        let plain_frame = preamble == baton_core::relocation::MAGIC
+            || preamble == crate::control::PEER_MAGIC
+            || crate::raft::transport::Channel::of_magic(&preamble).is_some();
         return Err(NoiseError::NotBaton { plain_frame });
     }
     let mut len = [0u8; 2];
@@ -253,6 +254,26 @@ impl<S> NoiseStream<S> {
     /// Whether a message failed authentication (the stream is dead then).
     pub fn failed(&self) -> bool {
         self.failed
+    }
+
+    /// The same session over another transport made from this one (the
+    /// same socket registered with another runtime's reactor, say);
+    /// buffered bytes, nonces and the failure hook carry over.
+    pub fn map_io<T>(self, f: impl FnOnce(S) -> io::Result<T>) -> io::Result<NoiseStream<T>> {
+        Ok(NoiseStream {
+            io: f(self.io)?,
+            noise: self.noise,
+            raw: self.raw,
+            raw_start: self.raw_start,
+            raw_end: self.raw_end,
+            plain: self.plain,
+            plain_pos: self.plain_pos,
+            out: self.out,
+            out_pos: self.out_pos,
+            failed: self.failed,
+            eof: self.eof,
+            on_failure: self.on_failure,
+        })
     }
 }
 
