@@ -5,5 +5,6 @@ pub mod counters;
 pub mod hold;
 pub mod listen;
 pub mod netns;
+pub mod nfqueue;
 pub mod repair;
 pub mod vip;
