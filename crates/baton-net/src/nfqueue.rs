@@ -442,7 +442,7 @@ pub struct NfQueue {
     batch: usize,
     max_rounds: usize,
     /// `batch` receive slots of `slot` bytes each.
-    buf: Vec<u8>,
+    buf: RecvBuf,
     /// (length, flags, sender port id) of each datagram of the last read.
     meta: Vec<(usize, libc::c_int, u32)>,
     /// Ids received and not yet given a verdict, in arrival order, each
@@ -657,8 +657,7 @@ impl NfQueue {
             slot,
             batch,
             max_rounds: config.max_rounds.max(1),
-            // Zeroed memory is mapped lazily: slots cost only what packets fill.
-            buf: vec![0; slot * batch],
+            buf: RecvBuf::new(slot * batch).map_err(io_err("map the receive buffer"))?,
             meta: Vec::with_capacity(batch),
             pending: VecDeque::new(),
             unsettled: 0,
@@ -901,7 +900,7 @@ impl NfQueue {
                     continue;
                 }
                 let start = i * self.slot;
-                let datagram = &self.buf[start..start + len.min(self.slot)];
+                let datagram = &self.buf.as_slice()[start..start + len.min(self.slot)];
                 if flags & libc::MSG_TRUNC != 0 {
                     self.stats.truncated += 1;
                 }
@@ -929,6 +928,60 @@ impl NfQueue {
     }
 }
 
+/// The receive slots: an anonymous mapping of its own, so that its pages
+/// are mapped only as packets fill them (a zeroed heap allocation would be
+/// written whole, each time a queue opens), and marked `MADV_DONTFORK`, so
+/// that the `iptables` children a hold forks do not copy its page tables.
+struct RecvBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: RecvBuf owns its mapping alone, like a Vec<u8>.
+unsafe impl Send for RecvBuf {}
+
+impl RecvBuf {
+    fn new(len: usize) -> io::Result<RecvBuf> {
+        // SAFETY: a fresh private anonymous mapping; nothing else refers
+        // to the range.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let buf = RecvBuf {
+            ptr: ptr.cast(),
+            len,
+        };
+        // SAFETY: advice on the mapping just made. Failing only costs
+        // the copy at fork, so its result is ignored.
+        let _ = unsafe { libc::madvise(ptr, len, libc::MADV_DONTFORK) };
+        Ok(buf)
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: `len` bytes mapped readable for the life of `self`
+        // (anonymous memory reads as zeros until written).
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl Drop for RecvBuf {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `new` made; no slice of it
+        // outlives `self`.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
 /// Records a received id as pending (ids arrive in increasing order).
 fn track(pending: &mut VecDeque<(u32, bool)>, unsettled: &mut usize, id: u32) {
     if pending.back().is_none_or(|&(last, _)| id_after(id, last)) {
@@ -951,7 +1004,7 @@ impl NfQueue {
     fn recv_once(&mut self) -> io::Result<usize> {
         let batch = self.batch;
         let slot = self.slot;
-        let base = self.buf.as_mut_ptr();
+        let base = self.buf.ptr;
         // SAFETY: sockaddr_nl is plain old data; all-zero is valid.
         let mut names: Vec<libc::sockaddr_nl> = vec![unsafe { std::mem::zeroed() }; batch];
         let mut iovs: Vec<libc::iovec> = (0..batch)
