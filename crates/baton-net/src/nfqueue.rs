@@ -427,8 +427,9 @@ pub struct QueueStats {
     pub last_verdict_errno: i32,
     /// Datagrams from a sender other than the kernel (ignored).
     pub foreign: u64,
-    /// Verdict messages sent, and the `send` calls that carried them.
+    /// Verdict messages sent.
     pub verdict_messages: u64,
+    /// `send` calls that carried them (one datagram may carry many).
     pub verdict_sends: u64,
 }
 
@@ -579,13 +580,16 @@ pub fn kernel_queue_line(queue_num: u16) -> Option<Vec<u64>> {
     })
 }
 
-/// The process that has netlink port `portid` open, if `/proc` says.
+/// Names the holder of netlink port `portid`. A process's first netlink
+/// socket gets its pid as port id, so a live process of that pid is most
+/// likely the holder (not surely: later sockets get other numbers).
 fn describe_holder(portid: u32) -> String {
-    // The kernel gives a process's first netlink socket its pid as port id.
-    let comm = std::fs::read_to_string(format!("/proc/{portid}/comm")).ok();
-    match comm {
-        Some(c) => format!("netlink port {portid}, process {portid} {}", c.trim()),
-        None => format!("netlink port {portid}"),
+    match std::fs::read_to_string(format!("/proc/{portid}/comm")) {
+        Ok(comm) => format!(
+            "netlink port {portid}, likely process {portid} {}",
+            comm.trim()
+        ),
+        Err(_) => format!("netlink port {portid}"),
     }
 }
 

@@ -778,6 +778,47 @@ fn a_hold_on_a_queue_opened_ahead() {
     assert!(rules.is_empty(), "{rules:?}");
 }
 
+/// Voluntary context switches of this process's thread named `name`.
+fn thread_switches(name: &str) -> Option<u64> {
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() == name {
+            let status = std::fs::read_to_string(task.path().join("status")).ok()?;
+            return status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse().ok());
+        }
+    }
+    None
+}
+
+/// The hold's reader sleeps until a packet or a command comes: idle, it
+/// does not wake (a reader polling every millisecond wakes 500 times in
+/// half a second); a packet wakes it at once.
+#[test]
+fn the_hold_reader_sleeps_while_idle() {
+    let deadline = Deadline::start("idle reader", Duration::from_secs(30));
+    let lab = lab("nqi");
+    let port = 7207;
+    let vip = addr_of(&lab, NODE);
+    let (mut client, _server) = connect(&lab, port);
+    let queue = lab.run_in(NODE, || HoldQueue::open(41)).unwrap().unwrap();
+    let hold = Hold::install_on(queue, vip, &[port][..]).unwrap();
+    deadline.phase("watching the idle reader");
+    let before = thread_switches("hold-q41").expect("the reader thread");
+    std::thread::sleep(Duration::from_millis(500));
+    let idle = thread_switches("hold-q41").unwrap() - before;
+    eprintln!("reader woke {idle} times in 500 ms idle");
+    assert!(idle <= 2, "the idle reader woke {idle} times");
+    let t = Instant::now();
+    client.write_all(b"wake").unwrap();
+    assert_eq!(hold.wait_held(1, Duration::from_secs(2)), 1);
+    eprintln!("held {:?} after the write", t.elapsed());
+    assert!(t.elapsed() < Duration::from_millis(100));
+    hold.release().unwrap();
+}
+
 // ---------------------------------------------------------------------------
 // the parser
 
