@@ -1,58 +1,61 @@
 //! The fail-closed hold of a VIP's TCP traffic.
 //!
-//! [`Hold::install`] binds an NFQUEUE queue and inserts, in the raw table's
-//! PREROUTING chain, `-d VIP -p tcp [--dport …] -j NFQUEUE --queue-num N`
-//! rules tagged `-m comment --comment baton-hold:<VIP>`. There is no
-//! `--queue-bypass`: if nobody reads the queue, the packets are dropped, never
-//! answered by a kernel that lacks the socket (no RST). The queue is also set
-//! fail-closed (no fail-open when full) and its length raised to
-//! [`QUEUE_MAX_LEN`] (the kernel default is 1024).
+//! [`Hold::install`] binds an NFQUEUE queue ([`crate::nfqueue`]) and inserts,
+//! in the raw table's PREROUTING chain,
+//! `-d VIP -p tcp [--dport …] -j NFQUEUE --queue-num N` rules tagged
+//! `-m comment --comment baton-hold:<VIP>`. There is no `--queue-bypass`:
+//! if nobody reads the queue, the packets are dropped, never answered by a
+//! kernel that lacks the socket (no RST). The queue is also set fail-closed
+//! (no fail-open when full) and its length raised to [`QUEUE_MAX_LEN`] (the
+//! kernel default is 1024). GSO/GRO super-packets are held whole.
 //!
 //! A reader thread keeps every held packet without a verdict until told:
 //! [`Hold::accept_all`] lets them into the local TCP stack in arrival order,
 //! [`Hold::take_dropped`] drops them and hands their bytes over (to forward
-//! to the new owner, which re-injects them with [`inject`]).
+//! to the new owner, which re-injects them with [`inject`]). Either is one
+//! batch verdict (`NFQNL_MSG_VERDICT_BATCH`) for all of them.
+//!
+//! Ahead of a move, [`HoldQueue::open`] binds the queue and starts its
+//! reader with no rule feeding it; [`Hold::install_on`] then only inserts
+//! the rules.
 //!
 //! # Namespaces
 //!
-//! Everything here acts on the network namespace of the **calling thread**:
-//! the NFQUEUE socket is created by it, `iptables` runs as its child (a child
-//! inherits the namespace of the thread that forks it), and the reader
-//! thread is spawned from it. A [`Hold`] keeps a handle on that namespace and
-//! removes its rules there (the `iptables` child `setns`es into it), whichever
-//! thread drops or releases it. [`Hold::install`] and [`sweep`] refuse to run
-//! in the root network namespace (the one of PID 1).
+//! Everything here acts on the network namespace of the **calling thread**
+//! of [`HoldQueue::open`] (or [`Hold::install`]): the NFQUEUE socket is
+//! created by it and the reader thread is spawned from it. A [`HoldQueue`]
+//! keeps a handle on that namespace, and the rules go in and come out
+//! there (the `iptables` child `setns`es into it), whichever thread
+//! installs, drops or releases the hold. [`HoldQueue::open`],
+//! [`Hold::install`] and [`sweep`] refuse to run in the root network
+//! namespace (the one of PID 1).
 //!
 //! # Reader
 //!
-//! The `nfq` crate's queue is blocking and does not expose its descriptor,
-//! and verdicts must go through the socket that received the packets. The
-//! reader therefore owns the queue on its own thread, reads it nonblocking
-//! and waits on its command channel for at most [`POLL`] between reads:
-//! commands are served at once, packets are picked up within a millisecond
-//! (they are held anyway). The netlink socket buffer (`rmem_default`,
-//! ~200 KiB) must hold what arrives in that millisecond.
+//! The reader thread blocks in `poll(2)` on the queue's socket and on an
+//! eventfd that [`Hold`]'s calls ring when they send it a command: packets
+//! are read as they arrive (many per `recvmmsg`), commands served at once,
+//! and nothing polls on a timer. The socket's receive buffer is raised to
+//! [`QUEUE_SOCKET_BUFFER`] (`SO_RCVBUFFORCE`).
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::nfqueue::{NfQueue, NfqError, Packet, QueueConfig, Verdict};
 use crate::vip::{cvt, new_socket};
 
 /// Comment prefix of every rule we install (`baton-hold:<VIP>`).
 pub const HOLD_COMMENT_PREFIX: &str = "baton-hold:";
 /// NFQUEUE kernel queue length we ask for (the default is 1024).
 pub const QUEUE_MAX_LEN: u32 = 16384;
-/// Longest wait of the reader between two reads of the queue.
-pub const POLL: Duration = Duration::from_millis(1);
 /// multiport takes at most 15 ports per rule.
 const MULTIPORT_MAX: usize = 15;
 
@@ -133,6 +136,19 @@ pub(crate) fn tool_for(vip: IpAddr) -> &'static str {
         "iptables"
     } else {
         "ip6tables"
+    }
+}
+
+/// `netns`, unless the calling thread is in it already. A tool spawned
+/// without a namespace to enter needs no setns between fork and exec, so
+/// it is spawned without copying this (large, many-threaded) process's
+/// page tables: several ms less per move.
+fn elsewhere(netns: &File) -> Option<&File> {
+    use std::os::unix::fs::MetadataExt;
+    let here = crate::netns::current_id();
+    match netns.metadata() {
+        Ok(m) if Some(m.ino()) == here => None,
+        _ => Some(netns),
     }
 }
 
@@ -446,81 +462,418 @@ enum Cmd {
     Stop,
 }
 
-struct Reader {
-    queue: nfq::Queue,
-    held: VecDeque<nfq::Message>,
-    count: Arc<AtomicUsize>,
-    /// First read error since the last command (reported with it).
-    error: Option<io::Error>,
+/// What wakes the reader for a command: an eventfd it polls beside the
+/// queue's socket.
+struct Wake(OwnedFd);
+
+impl Wake {
+    fn new() -> io::Result<Wake> {
+        // SAFETY: plain eventfd(2); the descriptor is owned right away.
+        let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        Ok(Wake(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Makes the eventfd readable (its counter never nears its limit: the
+    /// reader resets it on every wake).
+    fn ring(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
+        let _ = unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// Resets the counter (nonblocking: nothing to read is fine).
+    fn clear(&self) {
+        let mut value: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64 from an eventfd we own.
+        let _ = unsafe { libc::read(self.0.as_raw_fd(), (&mut value as *mut u64).cast(), 8) };
+    }
 }
 
+/// The number of packets held, with a condition variable for waiters.
+#[derive(Default)]
+struct Shared {
+    held: Mutex<usize>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn set(&self, n: usize) {
+        *self.held.lock().unwrap_or_else(|e| e.into_inner()) = n;
+        self.changed.notify_all();
+    }
+
+    fn get(&self) -> usize {
+        *self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+struct Reader {
+    queue: NfQueue,
+    held: VecDeque<Packet>,
+    shared: Arc<Shared>,
+    wake: Arc<Wake>,
+    /// First read error since the last command (reported with it).
+    error: Option<io::Error>,
+    batch: Vec<Packet>,
+}
+
+/// Waits until the queue or the wake descriptor is readable (no timeout);
+/// after a read error, for the wake descriptor only, at most `BACKOFF`.
+fn wait_for(queue: BorrowedFd<'_>, wake: BorrowedFd<'_>, backoff: bool) {
+    let mut fds = [
+        libc::pollfd {
+            fd: wake.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: queue.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    let (n, timeout) = if backoff {
+        (1, BACKOFF.as_millis() as libc::c_int)
+    } else {
+        (2, -1)
+    };
+    // SAFETY: `n` valid pollfds of a live array. EINTR just returns early.
+    unsafe { libc::poll(fds.as_mut_ptr(), n, timeout) };
+}
+
+/// How long the reader leaves the queue alone after a read error, so that
+/// an error that persists does not spin it.
+const BACKOFF: Duration = Duration::from_millis(10);
+
 impl Reader {
-    /// Reads every message the kernel has for us now.
-    fn drain(&mut self) {
+    /// Reads every packet the kernel has for us now; returns whether a read
+    /// failed.
+    fn drain(&mut self) -> bool {
+        let mut failed = false;
         loop {
-            match self.queue.recv() {
-                Ok(msg) => {
-                    self.held.push_back(msg);
-                    self.count.store(self.held.len(), Ordering::Release);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            match self.queue.recv_batch(&mut self.batch) {
+                Ok(0) => break,
+                Ok(_) => self.held.extend(self.batch.drain(..)),
                 Err(e) => {
                     tracing::warn!(error = %e, "reading the hold queue");
-                    self.error.get_or_insert(e);
-                    return;
+                    self.error.get_or_insert(io::Error::other(e));
+                    failed = true;
+                    break;
                 }
             }
         }
+        self.shared.set(self.held.len());
+        failed
     }
 
-    /// Gives every held packet `verdict`, in arrival order; returns how many,
-    /// and the bytes of the packets if `keep`.
+    /// Gives every held packet `verdict` with one batch verdict (they are
+    /// all the queue's pending packets, in arrival order); returns how
+    /// many, and the bytes of the packets if `keep`.
     fn verdict_all(
         &mut self,
-        verdict: nfq::Verdict,
+        verdict: Verdict,
         keep: bool,
     ) -> Result<(usize, Vec<Vec<u8>>), io::Error> {
         self.drain();
-        let mut bytes = Vec::new();
         let mut first_err = self.error.take();
         let n = self.held.len();
-        while let Some(mut msg) = self.held.pop_front() {
-            if keep {
-                bytes.push(msg.get_payload().to_vec());
-            }
-            msg.set_verdict(verdict);
-            if let Err(e) = self.queue.verdict(msg) {
-                first_err.get_or_insert(e);
+        if let Some(last) = self.held.back().map(|p| p.id) {
+            if let Err(e) = self.queue.verdict_batch(last, verdict) {
+                first_err.get_or_insert(io::Error::other(e));
             }
         }
-        self.count.store(0, Ordering::Release);
+        let bytes = if keep {
+            self.held.drain(..).filter_map(forwardable).collect()
+        } else {
+            self.held.clear();
+            Vec::new()
+        };
+        self.shared.set(0);
         match first_err {
             Some(e) => Err(e),
             None => Ok((n, bytes)),
         }
     }
 
-    fn run(mut self, commands: mpsc::Receiver<Cmd>) {
-        loop {
-            self.drain();
-            match commands.recv_timeout(POLL) {
-                Ok(Cmd::Accept(reply)) => {
-                    let _ = reply.send(
-                        self.verdict_all(nfq::Verdict::Accept, false)
-                            .map(|(n, _)| n),
-                    );
-                }
-                Ok(Cmd::Drop(reply)) => {
-                    let _ = reply.send(self.verdict_all(nfq::Verdict::Drop, true).map(|(_, b)| b));
-                }
-                Ok(Cmd::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    // Whatever is left is dropped: fail closed.
-                    let _ = self.verdict_all(nfq::Verdict::Drop, false);
-                    return;
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
+    /// Serves one command; returns false on `Stop`.
+    fn serve(&mut self, cmd: Cmd) -> bool {
+        match cmd {
+            Cmd::Accept(reply) => {
+                let _ = reply.send(self.verdict_all(Verdict::Accept, false).map(|(n, _)| n));
+                true
             }
+            Cmd::Drop(reply) => {
+                let _ = reply.send(self.verdict_all(Verdict::Drop, true).map(|(_, b)| b));
+                true
+            }
+            Cmd::Stop => false,
+        }
+    }
+
+    fn run(mut self, commands: mpsc::Receiver<Cmd>) {
+        let mut backoff = false;
+        loop {
+            wait_for(self.queue.as_fd(), self.wake.0.as_fd(), backoff);
+            self.wake.clear();
+            backoff = self.drain();
+            loop {
+                match commands.try_recv() {
+                    Ok(cmd) => {
+                        if !self.serve(cmd) {
+                            // Whatever is left is dropped: fail closed.
+                            let _ = self.verdict_all(Verdict::Drop, false);
+                            return;
+                        }
+                    }
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        let _ = self.verdict_all(Verdict::Drop, false);
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The bytes of a dropped packet, ready to forward: a truncated one cannot
+/// be (it is lost; the client will resend it), and a checksum the kernel
+/// left to the device is completed.
+fn forwardable(mut packet: Packet) -> Option<Vec<u8>> {
+    if packet.truncated() {
+        tracing::warn!(
+            id = packet.id,
+            len = packet.orig_len,
+            "held packet longer than the copy range: not forwarded"
+        );
+        return None;
+    }
+    if packet.skb_info.checksum_not_ready() {
+        complete_tcp_checksum(&mut packet.payload);
+    }
+    Some(packet.payload)
+}
+
+/// One's-complement sum of `data` as 16-bit big-endian words, added to `sum`.
+fn sum_words(mut sum: u64, data: &[u8]) -> u64 {
+    let mut chunks = data.chunks_exact(2);
+    for c in &mut chunks {
+        sum += u64::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    if let [last] = chunks.remainder() {
+        sum += u64::from(*last) << 8;
+    }
+    sum
+}
+
+fn fold(mut sum: u64) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// Writes the full TCP checksum of an IPv4 or IPv6 (no extension header)
+/// TCP packet whose checksum field holds only the pseudo-header sum (as a
+/// GSO packet queued before the device computes it). Other packets, and
+/// ones whose lengths do not add up, are left alone.
+fn complete_tcp_checksum(p: &mut [u8]) {
+    let (tcp_start, tcp_end, pseudo) = match p.first().map(|b| b >> 4) {
+        Some(4) if p.len() >= 20 && p[9] == libc::IPPROTO_TCP as u8 => {
+            let ihl = usize::from(p[0] & 0x0f) * 4;
+            let total = usize::from(u16::from_be_bytes([p[2], p[3]]));
+            if ihl < 20 || total > p.len() || total < ihl + 20 {
+                return;
+            }
+            let mut sum = sum_words(0, &p[12..20]);
+            sum += u64::from(libc::IPPROTO_TCP as u16) + (total - ihl) as u64;
+            (ihl, total, sum)
+        }
+        Some(6) if p.len() >= 40 && p[6] == libc::IPPROTO_TCP as u8 => {
+            let end = 40 + usize::from(u16::from_be_bytes([p[4], p[5]]));
+            if end > p.len() || end < 60 {
+                return;
+            }
+            let mut sum = sum_words(0, &p[8..40]);
+            sum += (end - 40) as u64 + u64::from(libc::IPPROTO_TCP as u16);
+            (40, end, sum)
+        }
+        _ => return,
+    };
+    let tcp = &mut p[tcp_start..tcp_end];
+    tcp[16] = 0;
+    tcp[17] = 0;
+    let sum = !fold(sum_words(pseudo, tcp));
+    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+}
+
+// ---------------------------------------------------------------------------
+// the queue, ready before the hold
+
+/// An NFQUEUE queue bound and its reader running, with no rule feeding it
+/// yet: open it ahead of a move, then [`Hold::install_on`] costs only the
+/// rule insertion. Bound in the calling thread's namespace; the rules of
+/// the hold go there too. Dropping it drops whatever it holds.
+pub struct HoldQueue {
+    queue_num: u16,
+    recv_buffer: usize,
+    commands: Option<mpsc::Sender<Cmd>>,
+    wake: Arc<Wake>,
+    thread: Option<JoinHandle<()>>,
+    shared: Arc<Shared>,
+    /// The namespace the queue is in.
+    netns: File,
+}
+
+impl std::fmt::Debug for HoldQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HoldQueue")
+            .field("queue_num", &self.queue_num)
+            .field("recv_buffer", &self.recv_buffer)
+            .field("held", &self.held())
+            .finish()
+    }
+}
+
+fn queue_err(queue_num: u16) -> impl FnOnce(NfqError) -> HoldError {
+    move |e| match e {
+        NfqError::PermissionDenied { .. } => {
+            HoldError::PermissionDenied(format!("bind NFQUEUE {queue_num}"))
+        }
+        // Callers try another queue number when this one is taken: every
+        // bind failure is `op: "bind"`.
+        e
+        @ (NfqError::QueueInUse { .. } | NfqError::Refused { .. } | NfqError::NoAnswer { .. }) => {
+            HoldError::Queue {
+                queue_num,
+                op: "bind",
+                source: io::Error::other(e),
+            }
+        }
+        e @ NfqError::Io { .. } => HoldError::Queue {
+            queue_num,
+            op: "open",
+            source: io::Error::other(e),
+        },
+    }
+}
+
+impl HoldQueue {
+    /// Binds NFQUEUE `queue_num` in the calling thread's namespace (not the
+    /// root one), fail-closed, [`QUEUE_MAX_LEN`] long, GSO packets whole,
+    /// with a [`QUEUE_SOCKET_BUFFER`] receive buffer, and starts its reader.
+    pub fn open(queue_num: u16) -> Result<HoldQueue, HoldError> {
+        ensure_not_root_netns()?;
+        let netns = File::open("/proc/thread-self/ns/net").map_err(HoldError::NamespaceCheck)?;
+        let config = QueueConfig {
+            max_len: QUEUE_MAX_LEN,
+            recv_buffer: QUEUE_SOCKET_BUFFER,
+            ..QueueConfig::default()
+        };
+        let queue = NfQueue::open_with(queue_num, &config).map_err(queue_err(queue_num))?;
+        let recv_buffer = queue.recv_buffer();
+        let spawn_err = |op| {
+            move |source| HoldError::Queue {
+                queue_num,
+                op,
+                source,
+            }
+        };
+        let wake = Arc::new(Wake::new().map_err(spawn_err("make the reader's eventfd"))?);
+        let shared = Arc::new(Shared::default());
+        let (tx, rx) = mpsc::channel();
+        let reader = Reader {
+            queue,
+            held: VecDeque::new(),
+            shared: Arc::clone(&shared),
+            wake: Arc::clone(&wake),
+            error: None,
+            batch: Vec::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("hold-q{queue_num}"))
+            .spawn(move || reader.run(rx))
+            .map_err(spawn_err("spawn the reader thread"))?;
+        Ok(HoldQueue {
+            queue_num,
+            recv_buffer,
+            commands: Some(tx),
+            wake,
+            thread: Some(thread),
+            shared,
+            netns,
+        })
+    }
+
+    /// The NFQUEUE queue number.
+    pub fn queue_num(&self) -> u16 {
+        self.queue_num
+    }
+
+    /// The receive buffer the kernel granted the queue's socket (bytes, as
+    /// `SO_RCVBUF` reports it).
+    pub fn recv_buffer(&self) -> usize {
+        self.recv_buffer
+    }
+
+    /// Packets held right now (the reader counts them as they arrive).
+    pub fn held(&self) -> usize {
+        self.shared.get()
+    }
+
+    /// Waits until at least `n` packets are held or `timeout` passes;
+    /// returns the number held.
+    pub fn wait_held(&self, n: usize, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        let mut held = self.shared.held.lock().unwrap_or_else(|e| e.into_inner());
+        while *held < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            held = self
+                .shared
+                .changed
+                .wait_timeout(held, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        *held
+    }
+
+    fn ask<T>(
+        &self,
+        make: impl FnOnce(mpsc::Sender<Result<T, io::Error>>) -> Cmd,
+        op: &'static str,
+        vip: IpAddr,
+    ) -> Result<T, HoldError> {
+        let gone = || HoldError::ReaderGone(vip);
+        let (tx, rx) = mpsc::channel();
+        self.commands
+            .as_ref()
+            .ok_or_else(gone)?
+            .send(make(tx))
+            .map_err(|_| gone())?;
+        self.wake.ring();
+        rx.recv()
+            .map_err(|_| gone())?
+            .map_err(|source| HoldError::Queue {
+                queue_num: self.queue_num,
+                op,
+                source,
+            })
+    }
+}
+
+impl Drop for HoldQueue {
+    fn drop(&mut self) {
+        if let Some(tx) = self.commands.take() {
+            let _ = tx.send(Cmd::Stop);
+            self.wake.ring();
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }
@@ -532,25 +885,20 @@ impl Reader {
 /// it removes the rules and drops whatever is still held.
 pub struct Hold {
     vip: IpAddr,
-    queue_num: u16,
     tool: &'static str,
     rules: Vec<Rule>,
     /// The egress rules, while the hold silences the VIP's sockets.
     silence: Vec<Rule>,
-    commands: Option<mpsc::Sender<Cmd>>,
-    thread: Option<JoinHandle<()>>,
-    count: Arc<AtomicUsize>,
     installed_at: Instant,
-    /// The namespace the rules are in: removal happens there whichever
-    /// thread drops the hold.
-    netns: File,
+    /// Dropped after the rules are removed (fields drop after `drop`).
+    queue: HoldQueue,
 }
 
 impl std::fmt::Debug for Hold {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hold")
             .field("vip", &self.vip)
-            .field("queue_num", &self.queue_num)
+            .field("queue_num", &self.queue.queue_num)
             .field("rules", &self.rules.len())
             .field("silenced", &!self.silence.is_empty())
             .field("held", &self.held())
@@ -558,26 +906,16 @@ impl std::fmt::Debug for Hold {
     }
 }
 
-fn queue_err(queue_num: u16, op: &'static str) -> impl FnOnce(io::Error) -> HoldError {
-    move |source| {
-        match source.raw_os_error() {
-        // The kernel answers EPERM both without CAP_NET_ADMIN and when the
-        // queue number is bound by another socket of this namespace.
-        Some(libc::EPERM) | Some(libc::EBUSY) if op == "bind" => HoldError::Queue {
-            queue_num,
-            op: "bind (another reader holds this queue number in this namespace, or CAP_NET_ADMIN is missing)",
-            source,
-        },
-        Some(libc::EPERM) | Some(libc::EACCES) => {
-            HoldError::PermissionDenied(format!("{op} NFQUEUE {queue_num}"))
+fn check_ports(ports: &Ports) -> Result<(), HoldError> {
+    if let Ports::Tcp(list) = ports {
+        if list.contains(&0) {
+            return Err(HoldError::PortZero);
         }
-        _ => HoldError::Queue {
-            queue_num,
-            op,
-            source,
-        },
+        if list.is_empty() {
+            return Err(HoldError::NoPorts);
+        }
     }
-    }
+    Ok(())
 }
 
 impl Hold {
@@ -590,7 +928,10 @@ impl Hold {
         ports: impl Into<Ports>,
         queue_num: u16,
     ) -> Result<Hold, HoldError> {
-        Hold::install_rules(vip, ports.into(), queue_num, false)
+        let ports = ports.into();
+        ensure_not_root_netns()?;
+        check_ports(&ports)?;
+        Hold::install_rules(HoldQueue::open(queue_num)?, vip, ports, false)
     }
 
     /// [`Hold::install`], and the VIP's own sockets (`ports` as source
@@ -602,97 +943,60 @@ impl Hold {
         ports: impl Into<Ports>,
         queue_num: u16,
     ) -> Result<Hold, HoldError> {
-        Hold::install_rules(vip, ports.into(), queue_num, true)
+        let ports = ports.into();
+        ensure_not_root_netns()?;
+        check_ports(&ports)?;
+        Hold::install_rules(HoldQueue::open(queue_num)?, vip, ports, true)
+    }
+
+    /// [`Hold::install`] on a queue opened ahead ([`HoldQueue::open`]): only
+    /// the rules go in, in the queue's namespace (from any thread).
+    pub fn install_on(
+        queue: HoldQueue,
+        vip: IpAddr,
+        ports: impl Into<Ports>,
+    ) -> Result<Hold, HoldError> {
+        let ports = ports.into();
+        check_ports(&ports)?;
+        Hold::install_rules(queue, vip, ports, false)
+    }
+
+    /// [`Hold::install_silenced`] on a queue opened ahead.
+    pub fn install_silenced_on(
+        queue: HoldQueue,
+        vip: IpAddr,
+        ports: impl Into<Ports>,
+    ) -> Result<Hold, HoldError> {
+        let ports = ports.into();
+        check_ports(&ports)?;
+        Hold::install_rules(queue, vip, ports, true)
     }
 
     fn install_rules(
+        queue: HoldQueue,
         vip: IpAddr,
         ports: Ports,
-        queue_num: u16,
         silence: bool,
     ) -> Result<Hold, HoldError> {
-        ensure_not_root_netns()?;
-        if let Ports::Tcp(list) = &ports {
-            if list.contains(&0) {
-                return Err(HoldError::PortZero);
-            }
-            if list.is_empty() {
-                return Err(HoldError::NoPorts);
-            }
-        }
         let tool = tool_for(vip);
-        let netns = File::open("/proc/thread-self/ns/net").map_err(HoldError::NamespaceCheck)?;
-        let rules = ingress_rules(vip, &ports, queue_num);
+        let rules = ingress_rules(vip, &ports, queue.queue_num);
         let silence = if silence {
             egress_rules(vip, &ports)
         } else {
             Vec::new()
         };
-
-        // The kernel gives a new socket the lowest free descriptor: the
-        // queue's is most likely this one (nfq does not tell).
-        let expected_fd = lowest_free_fd();
-        let mut queue = nfq::Queue::open().map_err(queue_err(queue_num, "open"))?;
-        if !expected_fd.is_some_and(grow_queue_socket_buffer) {
-            grow_queue_socket_buffers();
-        }
-        queue
-            .bind(queue_num)
-            .map_err(queue_err(queue_num, "bind"))?;
-        queue
-            .set_copy_range(queue_num, 0xffff)
-            .map_err(queue_err(queue_num, "set the copy range"))?;
-        queue
-            .set_queue_max_len(queue_num, QUEUE_MAX_LEN)
-            .map_err(queue_err(queue_num, "set the queue length"))?;
-        queue
-            .set_fail_open(queue_num, false)
-            .map_err(queue_err(queue_num, "turn fail-open off"))?;
-        queue.set_nonblocking(true);
-
-        let count = Arc::new(AtomicUsize::new(0));
-        let (tx, rx) = mpsc::channel();
-        let reader = Reader {
-            queue,
-            held: VecDeque::new(),
-            count: Arc::clone(&count),
-            error: None,
-        };
-        // Spawned from this thread: it shares this thread's namespace (and
-        // owns a socket created in it anyway).
-        let thread = std::thread::Builder::new()
-            .name(format!("hold-q{queue_num}"))
-            .spawn(move || reader.run(rx))
-            .map_err(|source| HoldError::Queue {
-                queue_num,
-                op: "spawn the reader thread",
-                source,
-            })?;
-
-        let mut hold = Hold {
-            vip,
-            queue_num,
-            tool,
-            rules: Vec::new(),
-            silence: Vec::new(),
-            commands: Some(tx),
-            thread: Some(thread),
-            count,
-            installed_at: Instant::now(),
-            netns,
-        };
         // Silence first: it must be in place before the ingress rules make
         // anyone freeze a socket. One run for all, all or nothing.
         let all: Vec<Rule> = silence.iter().chain(&rules).cloned().collect();
-        // This thread is in the namespace already: without a namespace to
-        // enter, the tool is spawned without copying this (large,
-        // many-threaded) process's page tables, which a setns before exec
-        // would need (several ms per move).
-        apply_rules(tool, "-I", &all, None)?;
-        hold.rules = rules;
-        hold.silence = silence;
-        hold.installed_at = Instant::now();
-        Ok(hold)
+        apply_rules(tool, "-I", &all, elsewhere(&queue.netns))?;
+        Ok(Hold {
+            vip,
+            tool,
+            rules,
+            silence,
+            installed_at: Instant::now(),
+            queue,
+        })
     }
 
     /// The held VIP.
@@ -702,7 +1006,7 @@ impl Hold {
 
     /// The NFQUEUE queue number.
     pub fn queue_num(&self) -> u16 {
-        self.queue_num
+        self.queue.queue_num
     }
 
     /// Time since the rules went in.
@@ -710,62 +1014,38 @@ impl Hold {
         self.installed_at.elapsed()
     }
 
-    /// Packets held right now (as of the reader's last read, ≤ [`POLL`] ago).
+    /// Packets held right now (the reader counts them as they arrive).
     pub fn held(&self) -> usize {
-        self.count.load(Ordering::Acquire)
+        self.queue.held()
     }
 
     /// Waits until at least `n` packets are held or `timeout` passes;
     /// returns the number held.
     pub fn wait_held(&self, n: usize, timeout: Duration) -> usize {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let held = self.held();
-            if held >= n || Instant::now() >= deadline {
-                return held;
-            }
-            std::thread::sleep(POLL);
-        }
+        self.queue.wait_held(n, timeout)
     }
 
-    fn ask<T>(
-        &self,
-        make: impl FnOnce(mpsc::Sender<Result<T, io::Error>>) -> Cmd,
-        op: &'static str,
-    ) -> Result<T, HoldError> {
-        let gone = || HoldError::ReaderGone(self.vip);
-        let (tx, rx) = mpsc::channel();
-        self.commands
-            .as_ref()
-            .ok_or_else(gone)?
-            .send(make(tx))
-            .map_err(|_| gone())?;
-        rx.recv()
-            .map_err(|_| gone())?
-            .map_err(|source| HoldError::Queue {
-                queue_num: self.queue_num,
-                op,
-                source,
-            })
-    }
-
-    /// Verdict ACCEPT for every packet held so far, in arrival order; returns
-    /// how many. The hold stays: later packets are held again. Used by the
-    /// target once its sockets are thawed, and by the source on rollback.
+    /// Verdict ACCEPT for every packet held so far, in arrival order (one
+    /// batch verdict); returns how many. The hold stays: later packets are
+    /// held again. Used by the target once its sockets are thawed, and by
+    /// the source on rollback.
     pub fn accept_all(&self) -> Result<usize, HoldError> {
-        self.ask(Cmd::Accept, "accept the held packets")
+        self.queue
+            .ask(Cmd::Accept, "accept the held packets", self.vip)
     }
 
-    /// Verdict DROP for every packet held so far; returns their IP packets
-    /// (arrival order) for forwarding to the new owner. The hold stays.
+    /// Verdict DROP for every packet held so far (one batch verdict);
+    /// returns their IP packets (arrival order) for forwarding to the new
+    /// owner, TCP checksums completed where the kernel had left them to the
+    /// device. The hold stays.
     pub fn take_dropped(&self) -> Result<Vec<Vec<u8>>, HoldError> {
-        self.ask(Cmd::Drop, "drop the held packets")
+        self.queue.ask(Cmd::Drop, "drop the held packets", self.vip)
     }
 
     fn remove_rules(&mut self) -> Result<(), HoldError> {
         let mut rules = std::mem::take(&mut self.rules);
         rules.append(&mut self.silence);
-        let result = delete_rules(self.tool, &rules, Some(&self.netns));
+        let result = delete_rules(self.tool, &rules, Some(&self.queue.netns));
         if let Err(e) = &result {
             tracing::warn!(vip = %self.vip, error = %e, "removing the hold rules");
         }
@@ -776,21 +1056,12 @@ impl Hold {
     /// sockets resume); the incoming traffic stays held.
     pub fn unsilence(&mut self) -> Result<(), HoldError> {
         let silence = std::mem::take(&mut self.silence);
-        delete_rules(self.tool, &silence, Some(&self.netns))
+        delete_rules(self.tool, &silence, Some(&self.queue.netns))
     }
 
     /// Whether the VIP's sockets are silenced.
     pub fn silenced(&self) -> bool {
         !self.silence.is_empty()
-    }
-
-    fn stop_reader(&mut self) {
-        if let Some(tx) = self.commands.take() {
-            let _ = tx.send(Cmd::Stop);
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 
     /// Ends the hold letting the traffic in: removes the rules, then accepts
@@ -799,7 +1070,7 @@ impl Hold {
     pub fn release(mut self) -> Result<usize, HoldError> {
         let removed = self.remove_rules();
         let accepted = self.accept_all();
-        self.stop_reader();
+        drop(self);
         removed?;
         accepted
     }
@@ -810,7 +1081,7 @@ impl Hold {
     pub fn finish_dropped(mut self) -> Result<Vec<Vec<u8>>, HoldError> {
         let removed = self.remove_rules();
         let dropped = self.take_dropped();
-        self.stop_reader();
+        drop(self);
         removed?;
         dropped
     }
@@ -818,12 +1089,14 @@ impl Hold {
 
 impl Drop for Hold {
     fn drop(&mut self) {
-        let _ = self.remove_rules();
+        if !self.rules.is_empty() || !self.silence.is_empty() {
+            let _ = self.remove_rules();
+        }
         let held = self.held();
-        if held > 0 && self.commands.is_some() {
+        if held > 0 {
             tracing::warn!(vip = %self.vip, held, "hold dropped with packets held: dropping them");
         }
-        self.stop_reader();
+        // The queue (a field) drops next: its reader drops what is left.
     }
 }
 
@@ -887,98 +1160,16 @@ fn loopback_up() -> Result<bool, HoldError> {
     Ok(flags & libc::IFF_UP as libc::c_short != 0)
 }
 
-/// Receive buffer of the NFQUEUE sockets: at full speed a held connection
-/// brings 64 KiB aggregated segments, and the kernel's default (about
-/// 208 KiB) would drop them before the reader gets its next turn.
-const QUEUE_SOCKET_BUFFER: libc::c_int = 32 << 20;
-
-/// The lowest descriptor number not in use now.
-fn lowest_free_fd() -> Option<libc::c_int> {
-    // SAFETY: open(2) of a constant C string; the result is closed at once.
-    let fd = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: `fd` was just opened here and nobody else has it.
-    unsafe { libc::close(fd) };
-    Some(fd)
-}
-
-fn sockopt_int(fd: libc::c_int, name: libc::c_int) -> Option<libc::c_int> {
-    let mut value: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes to `value`; a
-    // descriptor that is not a socket just fails.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            name,
-            (&mut value as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    (rc == 0).then_some(value)
-}
-
-/// Raises the receive buffer of `fd` if it is a netfilter netlink socket;
-/// returns whether it is one.
-fn grow_queue_socket_buffer(fd: libc::c_int) -> bool {
-    if sockopt_int(fd, libc::SO_DOMAIN) != Some(libc::AF_NETLINK)
-        || sockopt_int(fd, libc::SO_PROTOCOL) != Some(libc::NETLINK_NETFILTER)
-    {
-        return false;
-    }
-    if sockopt_int(fd, libc::SO_RCVBUF).is_some_and(|b| b < QUEUE_SOCKET_BUFFER) {
-        // SAFETY: plain setsockopt on a socket of ours with a live int.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUFFORCE,
-                (&QUEUE_SOCKET_BUFFER as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            tracing::warn!(error = %io::Error::last_os_error(), "cannot grow an NFQUEUE socket buffer");
-        }
-    }
-    true
-}
-
-/// Raises the receive buffer of every netfilter netlink socket of this
-/// process (the `nfq` crate does not expose its descriptor; all such
-/// sockets of ours are hold queues). The slow path: one look at every
-/// descriptor of the process.
-fn grow_queue_socket_buffers() {
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return;
-    };
-    for entry in dir.flatten() {
-        if let Some(fd) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<libc::c_int>().ok())
-        {
-            grow_queue_socket_buffer(fd);
-        }
-    }
-}
+/// Receive buffer asked for the hold's queue socket: at full speed a held
+/// connection brings 64 KiB GSO packets, and the kernel's default (about
+/// 208 KiB) holds only three of them.
+pub const QUEUE_SOCKET_BUFFER: usize = 32 << 20;
 
 /// Packets the kernel dropped on NFQUEUE `queue_num` of the calling thread's
 /// namespace: (queue full, could not be delivered to the reader). A hold
 /// must lose nothing; non-zero values mean its limits are too small.
 pub fn queue_drops(queue_num: u16) -> Option<(u64, u64)> {
-    let text = std::fs::read_to_string("/proc/thread-self/net/netfilter/nfnetlink_queue").ok()?;
-    text.lines().find_map(|line| {
-        let f: Vec<u64> = line
-            .split_whitespace()
-            .filter_map(|w| w.parse().ok())
-            .collect();
-        // queue_num portid queue_total copy_mode copy_range queue_dropped user_dropped id_sequence 1
-        (f.len() >= 7 && f[0] == u64::from(queue_num)).then(|| (f[5], f[6]))
-    })
+    crate::nfqueue::kernel_queue_line(queue_num).map(|f| (f[5], f[6]))
 }
 
 /// `SO_MARK` of the packets [`inject`] sends. Hold rules let them through,

@@ -6,6 +6,7 @@ pub mod hold;
 pub mod limits;
 pub mod listen;
 pub mod netns;
+pub mod nfqueue;
 pub mod repair;
 pub mod silence;
 pub mod vip;
