@@ -140,6 +140,10 @@ enum BenchCommand {
         ipv6: bool,
         #[arg(long)]
         json: bool,
+        /// Write each node's log here (NODE.log); with BATON_LOG=debug
+        /// they show every move's phases.
+        #[arg(long, value_name = "DIR")]
+        node_logs: Option<std::path::PathBuf>,
     },
     /// kv moved node1 -> node2 under load: baton vs keepalived.
     ///
@@ -166,7 +170,8 @@ pub fn run(args: BenchArgs) -> Result<i32> {
             request_bytes,
             ipv6,
             json,
-        } => move_conns::run(connections, moves, request_bytes, ipv6, json),
+            node_logs,
+        } => move_conns::run(connections, moves, request_bytes, ipv6, json, node_logs),
         BenchCommand::Relocate(a) => relocate::run(a.sizes()?, a.json, a.out),
         BenchCommand::Overhead(a) => overhead::run(a.sizes()?, a.json, a.out),
     }

@@ -4,6 +4,7 @@
 //! exchange and checking every reply byte.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,8 +26,15 @@ pub fn run(
     request_bytes: usize,
     ipv6: bool,
     json: bool,
+    node_logs: Option<PathBuf>,
 ) -> Result<i32> {
-    let result = move_conns(connections, moves, request_bytes.max(1), ipv6)?;
+    let result = move_conns(
+        connections,
+        moves,
+        request_bytes.max(1),
+        ipv6,
+        node_logs.as_deref(),
+    )?;
     if json {
         println!("{}", serde_json::to_string(&result)?);
     } else {
@@ -79,6 +87,7 @@ fn move_conns(
     moves: usize,
     request_bytes: usize,
     ipv6: bool,
+    node_logs: Option<&Path>,
 ) -> Result<MoveConnsResult> {
     const SERVICE: &str = "echo";
     const SERVICE_PORT: u16 = 7000;
@@ -193,6 +202,14 @@ fn move_conns(
         .map_err(|_| anyhow!("client thread panicked"))?
         .map_err(|e| anyhow!("{e}"))?;
     let after = cluster.lab.tcp_counters("client1")?;
+    if let Some(dir) = node_logs {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for node in nodes {
+            let path = dir.join(format!("{node}.log"));
+            std::fs::write(&path, cluster.node_log(node))
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
     drop(cluster);
 
     let totals = Arc::try_unwrap(totals)
