@@ -1111,6 +1111,11 @@ where
     // newer ones and be dropped by our PAWS check (their timestamps are
     // older), and the client would have to send them again.
     let live_at = Instant::now();
+    // The application first, so that it sets up its connections (on
+    // another thread) while the held packets go in: they only queue in
+    // the sockets, which are live and may speak.
+    adopt(parked);
+    let adopted_at = Instant::now();
     let injected_packets = hold::inject(&held_from_source).unwrap_or_else(|e| {
         tracing::error!(error = %e, "re-injecting the packets the source held");
         0
@@ -1124,14 +1129,12 @@ where
             tracing::warn!(full, undelivered, "the hold's queue dropped packets");
         }
     }
-    let accepted_at = Instant::now();
-    adopt(parked);
     tracing::debug!(
         go_live = ?live_at - committed_at,
+        adopt = ?adopted_at - live_at,
         injected = injected_packets,
         accepted = held_packets,
-        let_in = ?accepted_at - live_at,
-        adopt = ?accepted_at.elapsed(),
+        let_in = ?adopted_at.elapsed(),
         "move in committed"
     );
     let done = MoveMessage::Done { move_id };

@@ -17,7 +17,7 @@ use clap::{Args, Subcommand};
 
 const KEYS_HELP: &str = "\
 JSON lines (--json):
-  move-conns: {\"connections\",\"moves\",\"freeze_ms_p50\",\"freeze_ms_max\",
+  move-conns: {\"connections\",\"moves\",\"think_ms\",\"freeze_ms_p50\",\"freeze_ms_max\",
     \"client_stall_ms_p50\",\"client_stall_ms_p99\",\"client_stall_ms_max\",
     \"bytes_verified\",\"resets\",\"errors\"}
   relocate: one line per system (baton, keepalived) and pipeline depth,
@@ -121,7 +121,7 @@ enum BenchCommand {
     /// move between three `baton node` processes in a lab (the echo
     /// service, moved with `ctl move` round the nodes every 200 ms). Try
     /// --connections 1000, 5000 and 10000. With --json prints one line:
-    /// {"connections","moves","freeze_ms_p50","freeze_ms_max",
+    /// {"connections","moves","think_ms","freeze_ms_p50","freeze_ms_max",
     /// "client_stall_ms_p50","client_stall_ms_p99","client_stall_ms_max",
     /// "bytes_verified","resets","errors"}. freeze: from installing the hold
     /// on the source to the target's Done (the VIP's traffic is held that
@@ -138,6 +138,11 @@ enum BenchCommand {
         /// Use an IPv6 VIP.
         #[arg(long)]
         ipv6: bool,
+        /// Each client's pause between a reply and its next request, in ms.
+        /// With many connections the default keeps this 2-core machine
+        /// busy, and the stall then includes the clients' own backlog.
+        #[arg(long, default_value_t = 10)]
+        think_ms: u64,
         #[arg(long)]
         json: bool,
         /// Write each node's log here (NODE.log); with BATON_LOG=debug
@@ -169,9 +174,18 @@ pub fn run(args: BenchArgs) -> Result<i32> {
             moves,
             request_bytes,
             ipv6,
+            think_ms,
             json,
             node_logs,
-        } => move_conns::run(connections, moves, request_bytes, ipv6, json, node_logs),
+        } => move_conns::run(
+            connections,
+            moves,
+            request_bytes,
+            ipv6,
+            Duration::from_millis(think_ms),
+            json,
+            node_logs,
+        ),
         BenchCommand::Relocate(a) => relocate::run(a.sizes()?, a.json, a.out),
         BenchCommand::Overhead(a) => overhead::run(a.sizes()?, a.json, a.out),
     }

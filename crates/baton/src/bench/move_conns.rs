@@ -25,6 +25,7 @@ pub fn run(
     moves: usize,
     request_bytes: usize,
     ipv6: bool,
+    think: Duration,
     json: bool,
     node_logs: Option<PathBuf>,
 ) -> Result<i32> {
@@ -33,6 +34,7 @@ pub fn run(
         moves,
         request_bytes.max(1),
         ipv6,
+        think,
         node_logs.as_deref(),
     )?;
     if json {
@@ -63,6 +65,7 @@ pub fn run(
 struct MoveConnsResult {
     connections: usize,
     moves: usize,
+    think_ms: u64,
     freeze_ms_p50: f64,
     freeze_ms_max: f64,
     client_stall_ms_p50: f64,
@@ -87,6 +90,7 @@ fn move_conns(
     moves: usize,
     request_bytes: usize,
     ipv6: bool,
+    think: Duration,
     node_logs: Option<&Path>,
 ) -> Result<MoveConnsResult> {
     const SERVICE: &str = "echo";
@@ -150,6 +154,7 @@ fn move_conns(
                 target,
                 connections,
                 request_bytes,
+                think,
                 stop,
                 totals,
                 ready_tx,
@@ -227,6 +232,7 @@ fn move_conns(
     Ok(MoveConnsResult {
         connections,
         moves,
+        think_ms: think.as_millis() as u64,
         freeze_ms_p50: percentile(&freezes, 50.0),
         freeze_ms_max: freezes.last().copied().unwrap_or(0.0),
         client_stall_ms_p50: percentile(&stalls, 50.0),
@@ -242,6 +248,7 @@ async fn run_clients(
     target: SocketAddr,
     connections: usize,
     request_bytes: usize,
+    think: Duration,
     stop: Arc<AtomicBool>,
     totals: Arc<Mutex<ClientTotals>>,
     ready: std::sync::mpsc::Sender<()>,
@@ -292,7 +299,7 @@ async fn run_clients(
                     }
                     _ => return (exchanges, verified, 1u64),
                 }
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                tokio::time::sleep(think).await;
             }
             let _ = stream.shutdown().await;
             let mut rest = Vec::new();
