@@ -54,6 +54,9 @@ use crate::vip::{cvt, new_socket};
 
 /// Comment prefix of every rule we install (`baton-hold:<VIP>`).
 pub const HOLD_COMMENT_PREFIX: &str = "baton-hold:";
+/// Comment prefix of a replicated service's capture rules
+/// (`baton-capture:<VIP>`, see [`CaptureRules`]).
+pub const CAPTURE_COMMENT_PREFIX: &str = "baton-capture:";
 /// NFQUEUE kernel queue length we ask for (the default is 1024).
 pub const QUEUE_MAX_LEN: u32 = 16384;
 /// multiport takes at most 15 ports per rule.
@@ -420,7 +423,9 @@ fn our_rules() -> Result<Vec<(&'static str, &'static str, String)>, HoldError> {
                 listing
                     .lines()
                     .filter(|l| l.starts_with(&format!("-A {chain} ")))
-                    .filter(|l| l.contains(HOLD_COMMENT_PREFIX))
+                    .filter(|l| {
+                        l.contains(HOLD_COMMENT_PREFIX) || l.contains(CAPTURE_COMMENT_PREFIX)
+                    })
                     .map(|l| (tool, chain, l.to_owned())),
             );
         }
@@ -428,7 +433,7 @@ fn our_rules() -> Result<Vec<(&'static str, &'static str, String)>, HoldError> {
     Ok(rules)
 }
 
-/// Removes every `baton-hold:` rule of the raw PREROUTING and OUTPUT chains
+/// Removes every `baton-hold:` and `baton-capture:` rule of the raw PREROUTING and OUTPUT chains
 /// (IPv4 and IPv6) of the calling thread's namespace, as left by a crashed
 /// run; returns how many. Idempotent. Removes the rules of live holds too:
 /// call it at start-up, before installing any.
@@ -447,7 +452,7 @@ pub fn sweep() -> Result<usize, HoldError> {
     Ok(rules.len())
 }
 
-/// The `baton-hold:` rules currently in the raw PREROUTING and OUTPUT
+/// The `baton-hold:` and `baton-capture:` rules currently in the raw PREROUTING and OUTPUT
 /// chains of the calling thread's namespace, as `iptables -S` prints them.
 pub fn list_rules() -> Result<Vec<String>, HoldError> {
     Ok(our_rules()?.into_iter().map(|(_, _, line)| line).collect())
@@ -874,6 +879,111 @@ impl Drop for HoldQueue {
         }
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// capture
+
+/// The standing rules of a replicated service on one node: every TCP
+/// segment to the VIP's ports goes to an NFQUEUE queue before TCP sees it
+/// (no `--queue-bypass`: with nobody reading, segments are dropped, never
+/// answered), and the VIP's TCP traffic is NOTRACK in both directions, so
+/// conntrack never decides for it (a socket rebuilt by TCP_REPAIR has no
+/// conntrack entry, and an INVALID verdict must not drop its segments).
+/// The reader of the queue is the caller's ([`crate::nfqueue::NfQueue`]).
+/// Segments a thaw injects ([`INJECT_MARK`]) are not queued. Dropping it
+/// removes the rules.
+pub struct CaptureRules {
+    vip: IpAddr,
+    tool: &'static str,
+    rules: Vec<Rule>,
+    netns: File,
+}
+
+impl CaptureRules {
+    /// Installs the rules in the calling thread's namespace, all or none.
+    pub fn install(
+        vip: IpAddr,
+        ports: impl Into<Ports>,
+        queue_num: u16,
+    ) -> Result<CaptureRules, HoldError> {
+        ensure_not_root_netns()?;
+        let ports = ports.into();
+        if let Ports::Tcp(list) = &ports {
+            if list.contains(&0) {
+                return Err(HoldError::PortZero);
+            }
+            if list.is_empty() {
+                return Err(HoldError::NoPorts);
+            }
+        }
+        let netns = File::open("/proc/thread-self/ns/net").map_err(HoldError::NamespaceCheck)?;
+        let tool = tool_for(vip);
+        let tag = [
+            "-m".to_string(),
+            "comment".into(),
+            "--comment".into(),
+            format!("{CAPTURE_COMMENT_PREFIX}{vip}"),
+        ];
+        let mut rules = Vec::new();
+        // Each rule goes in at the top of its chain: the queue rule first,
+        // so that NOTRACK, inserted after it, comes before it (NFQUEUE is
+        // a terminating target; CT is not).
+        for port_match in port_matches(&ports, "dport") {
+            let mut spec: Vec<String> =
+                vec!["-d".into(), vip.to_string(), "-p".into(), "tcp".into()];
+            spec.extend(port_match);
+            spec.extend(
+                ["-m", "mark", "!", "--mark", &format!("{INJECT_MARK:#x}")].map(String::from),
+            );
+            spec.extend(tag.clone());
+            spec.extend(["-j", "NFQUEUE", "--queue-num", &queue_num.to_string()].map(String::from));
+            rules.push(Rule {
+                chain: "PREROUTING",
+                spec,
+            });
+        }
+        for (chain, addr, direction) in [("PREROUTING", "-d", "dport"), ("OUTPUT", "-s", "sport")] {
+            for port_match in port_matches(&ports, direction) {
+                let mut spec: Vec<String> =
+                    vec![addr.into(), vip.to_string(), "-p".into(), "tcp".into()];
+                spec.extend(port_match);
+                spec.extend(tag.clone());
+                spec.extend(["-j", "CT", "--notrack"].map(String::from));
+                rules.push(Rule { chain, spec });
+            }
+        }
+        apply_rules(tool, "-I", &rules, None)?;
+        Ok(CaptureRules {
+            vip,
+            tool,
+            rules,
+            netns,
+        })
+    }
+
+    /// The captured VIP.
+    pub fn vip(&self) -> IpAddr {
+        self.vip
+    }
+
+    /// Removes the rules (what [`Drop`] does, with the error reported).
+    pub fn remove(mut self) -> Result<(), HoldError> {
+        self.remove_rules()
+    }
+
+    fn remove_rules(&mut self) -> Result<(), HoldError> {
+        let rules = std::mem::take(&mut self.rules);
+        delete_rules(self.tool, &rules, elsewhere(&self.netns))
+    }
+}
+
+impl Drop for CaptureRules {
+    fn drop(&mut self) {
+        if let Err(e) = self.remove_rules() {
+            tracing::warn!(vip = %self.vip, error = %e, "removing the capture rules");
         }
     }
 }

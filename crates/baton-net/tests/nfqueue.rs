@@ -6,10 +6,12 @@
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use baton_lab::{Deadline, Lab};
-use baton_net::hold::{self, Hold, HoldError, HoldQueue};
+use baton_net::hold::{self, CaptureRules, Hold, HoldError, HoldQueue};
 use baton_net::nfqueue::{
     parse_datagram, Message, NfQueue, NfqError, Packet, ParseError, QueueConfig, Verdict,
 };
@@ -1036,4 +1038,103 @@ proptest! {
             }
         }
     }
+}
+
+/// Packets counted by the node's raw `chain` rules whose target is CT
+/// (NOTRACK).
+fn notrack_packets(lab: &Lab, chain: &str) -> u64 {
+    let out = lab
+        .command(NODE, "iptables")
+        .unwrap()
+        .args(["-w", "-t", "raw", "-L", chain, "-v", "-x", "-n"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.split_whitespace().nth(2) == Some("CT"))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn capture_rules_queue_before_tcp_fail_closed_and_untracked() {
+    let deadline = Deadline::start("capture rules", Duration::from_secs(60));
+    let lab = lab("ncap");
+    let port = 7210;
+    let queue_num = 29;
+    let vip = addr_of(&lab, NODE);
+    let rules = lab
+        .run_in(NODE, move || {
+            CaptureRules::install(vip, &[port][..], queue_num)
+        })
+        .unwrap()
+        .unwrap();
+    let listed = lab.run_in(NODE, hold::list_rules).unwrap().unwrap();
+    assert_eq!(listed.len(), 3, "{listed:?}");
+
+    // Nobody reads the queue, and nothing listens: a kernel left to itself
+    // would answer with a RST. Fail closed: no answer at all.
+    deadline.phase("unread queue");
+    let target = SocketAddr::new(vip, port);
+    let unanswered = lab
+        .run_in(CLIENT, move || {
+            TcpStream::connect_timeout(&target, Duration::from_millis(700))
+        })
+        .unwrap();
+    match unanswered {
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}"),
+        Ok(_) => panic!("connected through an unread capture queue"),
+    }
+
+    // A reader that lets every segment in: TCP works through it.
+    deadline.phase("reader accepting");
+    let listener: TcpListener = lab
+        .run_in(NODE, move || TcpListener::bind(("0.0.0.0", port)))
+        .unwrap()
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(AtomicUsize::new(0));
+    let reader = {
+        let (stop, seen) = (stop.clone(), seen.clone());
+        lab.spawn_in(NODE, move || {
+            let mut queue = NfQueue::open(queue_num).expect("binding the capture queue");
+            while !stop.load(Ordering::Relaxed) {
+                let packets = recv_at_least(&mut queue, 1, Duration::from_millis(50));
+                let verdicts: Vec<(u32, Verdict)> =
+                    packets.iter().map(|p| (p.id, Verdict::Accept)).collect();
+                seen.fetch_add(packets.len(), Ordering::Relaxed);
+                queue.verdicts(&verdicts).unwrap();
+            }
+        })
+        .unwrap()
+    };
+    let mut client = lab
+        .run_in(CLIENT, move || {
+            TcpStream::connect_timeout(&target, Duration::from_secs(5))
+        })
+        .unwrap()
+        .expect("connecting through the capture queue");
+    let (mut server, _) = listener.accept().unwrap();
+    client.write_all(b"captured, then accepted").unwrap();
+    let got = read_exactly(&mut server, 23, Duration::from_secs(3));
+    assert_eq!(&got, b"captured, then accepted");
+    server.write_all(b"reply").unwrap();
+    let mut reply = [0u8; 5];
+    client
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    client.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"reply");
+    stop.store(true, Ordering::Relaxed);
+    reader.join().unwrap().unwrap();
+    // The SYN, the handshake's ACK and the data at least went through the
+    // queue, and conntrack was told to stay out of both directions.
+    assert!(seen.load(Ordering::Relaxed) >= 3);
+    assert!(notrack_packets(&lab, "PREROUTING") >= 3);
+    assert!(notrack_packets(&lab, "OUTPUT") >= 2);
+
+    deadline.phase("removal");
+    lab.run_in(NODE, move || rules.remove()).unwrap().unwrap();
+    let listed = lab.run_in(NODE, hold::list_rules).unwrap().unwrap();
+    assert!(listed.is_empty(), "{listed:?}");
 }
