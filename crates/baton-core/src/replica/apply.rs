@@ -344,8 +344,12 @@ impl<S: Service> Replica<S> {
             self.state.counters.pending_full += 1;
             return;
         }
-        // A retransmitted or new SYN replaces the one before: the kernel
-        // answers the latest.
+        // A retransmitted SYN changes nothing (what arrived after it is
+        // kept); a SYN with another ISN replaces the one before, as the
+        // kernel answers the latest.
+        if pending.get(&key).is_some_and(|p| p.syn.isn == syn.isn) {
+            return;
+        }
         pending.insert(
             key,
             Pending {
@@ -516,7 +520,7 @@ impl<S: Service> Replica<S> {
             let id = c.id;
             match held {
                 Held::Data(bytes) => {
-                    c.held_bytes -= bytes.len() as u64;
+                    c.held_bytes = c.held_bytes.saturating_sub(bytes.len() as u64);
                     self.actions.push_back(Action::Consumed {
                         conn: *key,
                         bytes: bytes.clone(),
@@ -542,7 +546,11 @@ impl<S: Service> Replica<S> {
         };
         let our_fin_acked = c.fin_queued
             && c.output.unacked() == 0
-            && c.snd_una == c.established.isn.wrapping_add(2).wrapping_add(c.output.sent() as u32);
+            && c.snd_una
+                == c.established
+                    .isn
+                    .wrapping_add(2)
+                    .wrapping_add(c.output.sent() as u32);
         if c.fin_delivered && our_fin_acked {
             self.remove(key);
             self.actions.push_back(Action::Forget { conn: *key });
@@ -563,8 +571,7 @@ impl<S: Service> Replica<S> {
             return;
         };
         if let Some(reason) = abort {
-            self.actions
-                .push_back(Action::Abort { conn: *key, reason });
+            self.actions.push_back(Action::Abort { conn: *key, reason });
         }
         // Output to the connection from here on is dropped (it is gone
         // from the id map), on every replica alike.
@@ -603,9 +610,11 @@ impl<S: Service> Replica<S> {
             self.handle_output(out, &mut touched);
         }
         for key in touched {
-            let over = self.state.conns.get(&key).is_some_and(|c| {
-                c.output.unacked() > OUTPUT_ABORT_FACTOR * c.output_limit()
-            });
+            let over = self
+                .state
+                .conns
+                .get(&key)
+                .is_some_and(|c| c.output.unacked() > OUTPUT_ABORT_FACTOR * c.output_limit());
             if over {
                 self.state.counters.aborted_output += 1;
                 self.end(&key, Some(AbortReason::OutputLimit));
@@ -621,7 +630,9 @@ impl<S: Service> Replica<S> {
                     self.state.counters.output_dropped += 1;
                     return;
                 };
-                let c = self.state.conns.get_mut(&key).expect("ids and conns agree");
+                let Some(c) = self.state.conns.get_mut(&key) else {
+                    return;
+                };
                 if c.fin_queued {
                     self.state.counters.output_dropped += 1;
                     return;
@@ -639,7 +650,9 @@ impl<S: Service> Replica<S> {
                 let Some(key) = conn_of(&self.state, conn) else {
                     return;
                 };
-                let c = self.state.conns.get_mut(&key).expect("ids and conns agree");
+                let Some(c) = self.state.conns.get_mut(&key) else {
+                    return;
+                };
                 c.fin_queued = true;
                 c.stream.queue_fin(full);
                 self.actions.push_back(if full {
@@ -648,7 +661,9 @@ impl<S: Service> Replica<S> {
                     Action::ShutdownWrite { conn: key }
                 });
             }
-            Output::SetTimer { id, at_ms } => self.actions.push_back(Action::SetTimer { id, at_ms }),
+            Output::SetTimer { id, at_ms } => {
+                self.actions.push_back(Action::SetTimer { id, at_ms })
+            }
             Output::CancelTimer { id } => self.actions.push_back(Action::CancelTimer { id }),
         }
     }

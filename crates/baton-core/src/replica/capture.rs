@@ -101,7 +101,8 @@ impl Capture {
             }
         };
         let f = seg.flags;
-        let control = f.contains(TcpFlags::SYN) || f.contains(TcpFlags::FIN) || f.contains(TcpFlags::RST);
+        let control =
+            f.contains(TcpFlags::SYN) || f.contains(TcpFlags::FIN) || f.contains(TcpFlags::RST);
         if seg.payload.is_empty() && !control {
             self.counters.pure_acks += 1;
             self.verdicts.push_back((id, Verdict::Accept));

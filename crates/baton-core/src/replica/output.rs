@@ -40,6 +40,8 @@ pub struct OutputStream {
     digest: [u8; 32],
     /// `(offset, digest)` at the latest chunk boundaries, oldest first.
     history: VecDeque<(u64, [u8; 32])>,
+    /// The newest boundary no longer in `history` (0: none dropped yet).
+    forgotten: u64,
 }
 
 impl OutputStream {
@@ -77,7 +79,9 @@ impl OutputStream {
         self.retained.extend(bytes.iter().copied());
         self.digest = digest::chain(&self.digest, self.sent, bytes);
         if self.history.len() >= DIGEST_HISTORY {
-            self.history.pop_front();
+            if let Some((offset, _)) = self.history.pop_front() {
+                self.forgotten = offset;
+            }
         }
         self.history.push_back((self.sent, self.digest));
     }
@@ -101,9 +105,10 @@ impl OutputStream {
         if let Some((_, d)) = self.history.iter().find(|(o, _)| *o == offset) {
             return DigestAt::Known(*d);
         }
-        match self.history.front() {
-            Some((oldest, _)) if offset > *oldest => DigestAt::NotABoundary,
-            _ => DigestAt::Forgotten,
+        if offset > self.forgotten {
+            DigestAt::NotABoundary
+        } else {
+            DigestAt::Forgotten
         }
     }
 }
