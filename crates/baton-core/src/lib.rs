@@ -5,6 +5,7 @@
 pub mod log;
 pub mod packet;
 pub mod relocation;
+pub mod replica;
 pub mod service;
 pub mod tcp;
 pub mod tcp_state;

@@ -103,7 +103,7 @@ pub struct ServerParams {
 }
 
 /// What the stream hands to the service, in order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
     /// The next bytes of the stream; each byte once.
     Data(Vec<u8>),
@@ -185,7 +185,7 @@ impl Refusal {
 }
 
 /// Segment counts, for metrics and tests.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
     /// Segments used (data, FIN, RST or ACK).
     pub accepted: u64,
@@ -223,8 +223,9 @@ pub struct ClientView {
     pub timestamp: Option<Timestamp>,
 }
 
-/// Receive-side reassembly of one connection's client stream.
-#[derive(Debug, Clone)]
+/// Receive-side reassembly of one connection's client stream. It is
+/// serializable so that a replica's checkpoint carries it whole.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reassembler {
     /// The client's ISN + 1: sequence number of stream offset 0.
     base: u32,
