@@ -287,6 +287,15 @@ impl Cluster {
         }
     }
 
+    /// Kills `node`'s daemon with SIGKILL (`kill -9`): nothing of it runs
+    /// any cleanup. Returns whether it was running.
+    pub fn kill_node(&mut self, node: &str) -> bool {
+        match self.pids.remove(node) {
+            Some(pid) => self.lab.kill(pid).is_some(),
+            None => false,
+        }
+    }
+
     /// Process id of `node`'s daemon.
     pub fn pid(&self, node: &str) -> Option<u32> {
         self.pids.get(node).copied()

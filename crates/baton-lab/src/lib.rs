@@ -481,6 +481,15 @@ impl Lab {
         child.wait().ok()
     }
 
+    /// Kills a process started with [`Lab::spawn`] at once (SIGKILL, as
+    /// `kill -9`) and reaps it. Returns its exit status.
+    pub fn kill(&self, pid: u32) -> Option<ExitStatus> {
+        let mut children = self.children.lock().unwrap_or_else(|e| e.into_inner());
+        let child = children.iter_mut().find(|c| c.id() == pid)?;
+        let _ = child.kill();
+        child.wait().ok()
+    }
+
     /// Runs `f` on a thread inside `host`'s namespace and returns its result.
     pub fn run_in<T, F>(&self, host: &str, f: F) -> Result<T, LabError>
     where

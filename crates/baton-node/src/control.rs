@@ -61,6 +61,17 @@ pub struct ServiceEntry {
     pub connections: usize,
     /// A move is under way.
     pub moving: bool,
+    /// The service's replicated log as each node that answered sees it.
+    #[serde(default)]
+    pub log: Vec<NodeLog>,
+}
+
+/// One node's view of a service's log.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeLog {
+    pub node: String,
+    #[serde(flatten)]
+    pub status: crate::service_log::LogStatus,
 }
 
 /// A completed move.
@@ -76,7 +87,7 @@ pub struct MoveSummary {
 
 /// Frame magic of peer queries and replies.
 pub const PEER_MAGIC: [u8; 4] = *b"BTPQ";
-pub const PEER_VERSION: u16 = 1;
+pub const PEER_VERSION: u16 = 2;
 
 /// What one node asks another.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -85,6 +96,13 @@ pub enum PeerRequest {
     Status,
     /// Move a service you run to node `to`.
     Move { service: String, to: String },
+    /// What do you know of `service`'s log? (A node that starts asks, to
+    /// found the group or join it.)
+    LogMembers { service: String },
+    /// Add me to `service`'s log under `raft_id` (asked of its leader).
+    LogJoin { service: String, raft_id: u64 },
+    /// Your view of every service's log, for `ctl status`.
+    LogStatus,
 }
 
 /// A node's answer to a peer.
@@ -94,6 +112,9 @@ pub enum PeerReply {
     Running(Vec<(String, usize, bool)>),
     Moved(MoveSummary),
     Error(String),
+    Log(crate::service_log::GroupView),
+    Joined,
+    LogStatus(Vec<(String, crate::service_log::LogStatus)>),
 }
 
 /// Largest control request line accepted.

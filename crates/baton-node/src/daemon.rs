@@ -14,12 +14,14 @@ use tokio::net::{TcpListener, TcpStream, UnixListener};
 
 use crate::config::{NodeConfig, ServiceConfig};
 use crate::control::{
-    self, ClusterStatus, ControlReply, ControlRequest, MoveSummary, NodeEntry, PeerReply,
+    self, ClusterStatus, ControlReply, ControlRequest, MoveSummary, NodeEntry, NodeLog, PeerReply,
     PeerRequest, ServiceEntry,
 };
-use crate::peer::PeerAuth;
+use crate::peer::{ControlStream, PeerAuth};
+use crate::raft::transport::{self, Channel};
 use crate::relocation::{self, MoveConfig, Parked, Taker};
 use crate::runtime::{Registry, ServiceRuntime, ServiceState};
+use crate::service_log::{GroupView, LogStatus, ServiceLog};
 
 /// Why the node could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -53,11 +55,21 @@ struct Node {
     moves: MoveConfig,
     auth: Arc<PeerAuth>,
     slots: Mutex<BTreeMap<String, Slot>>,
+    /// Each service's replicated log, once started.
+    logs: Mutex<BTreeMap<String, Arc<ServiceLog>>>,
 }
 
 impl Node {
     fn slots(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Slot>> {
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn log(&self, service: &str) -> Option<Arc<ServiceLog>> {
+        self.logs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(service)
+            .cloned()
     }
 }
 
@@ -110,6 +122,7 @@ pub async fn run(cfg: NodeConfig, registry: Registry) -> Result<(), NodeError> {
         moves,
         auth: auth.clone(),
         slots: Mutex::new(BTreeMap::new()),
+        logs: Mutex::new(BTreeMap::new()),
     });
 
     for s in &cfg.services {
@@ -170,6 +183,9 @@ pub async fn run(cfg: NodeConfig, registry: Registry) -> Result<(), NodeError> {
     std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o600))
         .map_err(io_err(format!("securing {}", socket_path.display())))?;
     tracing::info!(node = %cfg.node, peers = %cfg.own_addr(), control = %socket_path.display(), "node up");
+    // The logs once this node answers its peers: founding or joining asks
+    // them, and they ask us.
+    let starting_logs = tokio::spawn(start_logs(node.clone()));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(io_err("installing the SIGTERM handler"))?;
@@ -202,9 +218,25 @@ pub async fn run(cfg: NodeConfig, registry: Registry) -> Result<(), NodeError> {
             _ = tokio::signal::ctrl_c() => break,
         }
     }
+    starting_logs.abort();
     shutdown(&node).await;
     let _ = std::fs::remove_file(&socket_path);
     Ok(())
+}
+
+/// Starts every service's log (see [`crate::service_log`]).
+async fn start_logs(node: Arc<Node>) {
+    for s in &node.cfg.services {
+        match ServiceLog::start(&node.cfg, node.auth.clone(), &s.name).await {
+            Ok(log) => {
+                node.logs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(s.name.clone(), Arc::new(log));
+            }
+            Err(e) => tracing::error!(error = %e, "the service runs without its log"),
+        }
+    }
 }
 
 /// The peer that serves `service` now, if any answers that it does: a node
@@ -239,6 +271,9 @@ async fn shutdown(node: &Node) {
             tracing::warn!(vip = %v.addr, error = %e, "releasing a VIP at shutdown");
         }
     }
+    // The logs' threads end with them (they join on drop: off the runtime).
+    let logs = std::mem::take(&mut *node.logs.lock().unwrap_or_else(|e| e.into_inner()));
+    let _ = tokio::task::spawn_blocking(move || drop(logs)).await;
     tracing::info!(node = %node.cfg.node, "node down");
 }
 
@@ -254,6 +289,22 @@ async fn serve_peer(node: Arc<Node>, stream: TcpStream, from: SocketAddr) -> Res
         .map_err(|e| format!("{peer}: {e}"))?;
     if magic.len() < MOVE_MAGIC.len() {
         return Ok(());
+    }
+    if Channel::of_magic(magic).is_some() {
+        let mut stream = ControlStream::Authenticated(Box::new(stream));
+        let (channel, hello) =
+            tokio::time::timeout(Duration::from_secs(5), transport::read_hello(&mut stream))
+                .await
+                .map_err(|_| format!("{peer} sent no log hello"))?
+                .map_err(|e| format!("{peer}: {e}"))?;
+        let Some(log) = node.log(&hello.group) else {
+            // Not started yet, or no such service: the peer retries.
+            return Ok(());
+        };
+        return log
+            .group()
+            .hand_over(channel, hello, stream, Some(peer))
+            .map_err(|e| e.to_string());
     }
     if magic == MOVE_MAGIC {
         let mut taker = NodeTaker { node: node.clone() };
@@ -278,10 +329,40 @@ async fn serve_peer(node: Arc<Node>, stream: TcpStream, from: SocketAddr) -> Res
             Ok(summary) => PeerReply::Moved(summary),
             Err(e) => PeerReply::Error(e),
         },
+        PeerRequest::LogMembers { service } => match node.log(&service) {
+            Some(log) => PeerReply::Log(log.view().await),
+            None => PeerReply::Log(GroupView::None),
+        },
+        PeerRequest::LogJoin { service, raft_id } => match node.log(&service) {
+            Some(log) => match log.add_joiner(raft_id, &peer, &node.cfg).await {
+                Ok(()) => PeerReply::Joined,
+                Err(e) => PeerReply::Error(e),
+            },
+            None => PeerReply::Error(format!("no log of {service:?} here")),
+        },
+        PeerRequest::LogStatus => PeerReply::LogStatus(log_statuses(&node).await),
     };
     control::write_peer(&mut stream, &reply)
         .await
         .map_err(|e| e.to_string())
+}
+
+/// This node's view of every service's log.
+async fn log_statuses(node: &Node) -> Vec<(String, LogStatus)> {
+    let logs: Vec<(String, Arc<ServiceLog>)> = node
+        .logs
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut out = Vec::new();
+    for (name, log) in logs {
+        if let Some(s) = log.status().await {
+            out.push((name, s));
+        }
+    }
+    out
 }
 
 /// Services this node runs: (name, connections, moving).
@@ -300,7 +381,7 @@ async fn running_here(node: &Node) -> Vec<(String, usize, bool)> {
 
 /// Asks a peer something, with a short deadline (a dead peer must not
 /// stall `baton ctl status`).
-async fn ask_peer(
+pub(crate) async fn ask_peer(
     auth: &PeerAuth,
     name: &str,
     req: &PeerRequest,
@@ -321,6 +402,30 @@ async fn ask_peer(
 async fn cluster_status(node: &Node) -> ClusterStatus {
     let mut nodes = Vec::new();
     let mut where_runs: BTreeMap<String, (String, usize, bool)> = BTreeMap::new();
+    let mut logs: BTreeMap<String, Vec<NodeLog>> = BTreeMap::new();
+    for name in node.cfg.peers.keys() {
+        let statuses = if *name == node.cfg.node {
+            log_statuses(node).await
+        } else {
+            match ask_peer(
+                &node.auth,
+                name,
+                &PeerRequest::LogStatus,
+                Duration::from_millis(800),
+            )
+            .await
+            {
+                Ok(PeerReply::LogStatus(s)) => s,
+                _ => Vec::new(),
+            }
+        };
+        for (service, status) in statuses {
+            logs.entry(service).or_default().push(NodeLog {
+                node: name.clone(),
+                status,
+            });
+        }
+    }
     for (name, addr) in &node.cfg.peers {
         let running = if *name == node.cfg.node {
             Ok(running_here(node).await)
@@ -361,6 +466,7 @@ async fn cluster_status(node: &Node) -> ClusterStatus {
                 running_on: found.map(|f| f.0.clone()),
                 connections: found.map_or(0, |f| f.1),
                 moving: found.is_some_and(|f| f.2),
+                log: logs.remove(&s.name).unwrap_or_default(),
             }
         })
         .collect();
@@ -432,7 +538,7 @@ async fn handle_control(node: &Arc<Node>, req: ControlRequest) -> ControlReply {
                 {
                     PeerReply::Moved(summary) => Ok(summary),
                     PeerReply::Error(e) => Err(e),
-                    PeerReply::Running(_) => Err(format!("{owner} answered a move with a status")),
+                    _ => Err(format!("{owner} answered a move with something else")),
                 }
             }
             .await;

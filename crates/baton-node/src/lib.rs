@@ -10,3 +10,4 @@ pub mod peer;
 pub mod raft;
 pub mod relocation;
 pub mod runtime;
+pub mod service_log;

@@ -139,6 +139,17 @@ pub fn run_ctl(args: CtlArgs) -> Result<i32> {
                     s.connections,
                     if s.moving { " (moving)" } else { "" }
                 );
+                for l in &s.log {
+                    println!(
+                        "    log on {:<10} {:<9} term {:<4} commit {:<8} applied {:<8} leader {}",
+                        l.node,
+                        l.status.role,
+                        l.status.term,
+                        l.status.commit_index,
+                        l.status.applied_index,
+                        l.status.leader.as_deref().unwrap_or("-"),
+                    );
+                }
             }
             if status.refused_peer_connections > 0 {
                 println!(

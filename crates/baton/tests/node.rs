@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use baton_lab::cluster::{Cluster, ServiceSpec};
-use baton_lab::{Lab, TcpCounters};
+use baton_lab::{Deadline, Lab, TcpCounters};
 use rand::{RngCore, SeedableRng};
 use sha2::{Digest, Sha256};
 
@@ -348,4 +348,126 @@ fn a_restarted_node_does_not_take_back_a_moved_service() {
     // And it can be moved back to the restarted node.
     c.move_service("node3", "kv", "node1").unwrap();
     assert_eq!(redis_cli(&c, "client1", &["GET", "k"]), "v");
+}
+
+/// Every node's view of `service`'s log, from `via`'s status.
+fn log_views(c: &Cluster, via: &str, service: &str) -> Vec<serde_json::Value> {
+    let Ok(status) = c.request(via, &serde_json::json!({"op": "status"})) else {
+        return Vec::new();
+    };
+    status["services"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == service))
+        .and_then(|s| s["log"].as_array().cloned())
+        .unwrap_or_default()
+}
+
+/// Whether the three nodes agree on one leader, have the same three
+/// voters (by name) and no learner, and have all applied what was
+/// committed; returns the leader.
+fn settled(views: &[serde_json::Value]) -> Option<String> {
+    if views.len() != 3 {
+        return None;
+    }
+    let leader = views[0]["leader"].as_str()?.to_owned();
+    let commit = views[0]["commit_index"].as_u64()?;
+    let leaders = views.iter().filter(|v| v["role"] == "leader").count();
+    let voters = |v: &serde_json::Value| {
+        let mut names: Vec<String> = v["voters"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|n| n.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    };
+    let all_agree = views.iter().all(|v| {
+        v["leader"].as_str() == Some(&leader)
+            && v["commit_index"].as_u64() == Some(commit)
+            && v["applied_index"].as_u64() == Some(commit)
+            && voters(v) == ["node1", "node2", "node3"]
+            && v["learners"].as_array().is_some_and(|l| l.is_empty())
+    });
+    (leaders == 1 && all_agree).then_some(leader)
+}
+
+fn wait_settled(c: &Cluster, deadline: &Deadline, what: &str) -> (String, Vec<serde_json::Value>) {
+    deadline.phase(what);
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let views = log_views(c, "node3", "echo");
+        if let Some(leader) = settled(&views) {
+            return (leader, views);
+        }
+        assert!(Instant::now() < until, "{what}: not settled: {views:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn raft_id_of(views: &[serde_json::Value], node: &str) -> u64 {
+    views
+        .iter()
+        .find(|v| v["node"] == node)
+        .and_then(|v| v["raft_id"].as_u64())
+        .unwrap()
+}
+
+#[test]
+fn every_node_keeps_the_log_and_a_killed_node_rejoins_under_a_new_id() {
+    let deadline = Deadline::start(
+        "every_node_keeps_the_log_and_a_killed_node_rejoins_under_a_new_id",
+        Duration::from_secs(180),
+    );
+    let mut c = cluster("nl", &[service("echo", "echo", 7000)]);
+    // The nodes that start first found the log; one that finds it formed
+    // already joins it (under a new id) and replaces its founding id.
+    let (_, views) = wait_settled(&c, &deadline, "the log forms");
+    let mut ids: Vec<u64> = ["node1", "node2", "node3"]
+        .iter()
+        .map(|n| raft_id_of(&views, n))
+        .collect();
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "{views:#?}");
+
+    // kill -9 of a follower's daemon, and a restart: it has forgotten its
+    // votes and its log, so it comes back under a new id.
+    let (leader, _) = wait_settled(&c, &deadline, "before the kill");
+    let follower = ["node1", "node2", "node3"]
+        .into_iter()
+        .find(|n| *n != leader)
+        .unwrap();
+    assert!(c.kill_node(follower));
+    c.start_node(follower).unwrap();
+    c.wait_ready(follower, Duration::from_secs(10)).unwrap();
+    let (_, views) = wait_settled(&c, &deadline, "the killed follower rejoins");
+    let new_id = raft_id_of(&views, follower);
+    assert!(new_id >= 1 << 32, "{follower} came back as {new_id}");
+
+    // The leader's daemon killed: the two others elect one of them; the
+    // old leader, restarted, joins them.
+    let (leader, _) = wait_settled(&c, &deadline, "before killing the leader");
+    assert!(c.kill_node(&leader));
+    deadline.phase("a new leader");
+    let until = Instant::now() + Duration::from_secs(30);
+    let via = ["node1", "node2", "node3"]
+        .into_iter()
+        .find(|n| *n != leader)
+        .unwrap();
+    loop {
+        let views = log_views(&c, via, "echo");
+        let new_leader = views.iter().find(|v| v["role"] == "leader");
+        if let Some(v) = new_leader {
+            assert_ne!(v["node"], leader.as_str());
+            break;
+        }
+        assert!(Instant::now() < until, "no new leader: {views:#?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.start_node(&leader).unwrap();
+    c.wait_ready(&leader, Duration::from_secs(10)).unwrap();
+    let (_, views) = wait_settled(&c, &deadline, "the old leader rejoins");
+    assert!(raft_id_of(&views, &leader) >= 1 << 32);
 }
