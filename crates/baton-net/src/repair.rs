@@ -637,13 +637,7 @@ fn freeze_in_repair(fd: BorrowedFd) -> Result<TcpConnState, RepairError> {
 pub fn resume(fd: BorrowedFd) -> Result<(), RepairError> {
     set_repair_queue(fd, TCP_NO_QUEUE)?;
     set_repair(fd, TCP_REPAIR_OFF)?;
-    setsockopt_int(
-        fd,
-        libc::SOL_SOCKET,
-        libc::SO_REUSEADDR,
-        1,
-        "setsockopt(SO_REUSEADDR)",
-    )
+    set_reuseaddr(fd)
 }
 
 /// Closes a socket without a FIN or a RST: in repair mode the kernel just
@@ -1006,13 +1000,7 @@ pub fn go_live_silenced(fd: BorrowedFd, state: &TcpConnState) -> Result<(), Repa
         set_mark(fd, crate::silence::SILENT_MARK)?;
         set_repair(fd, TCP_REPAIR_OFF_NO_WP)?;
         apply_sockopts(fd, &state.sockopts)?;
-        setsockopt_int(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            1,
-            "setsockopt(SO_REUSEADDR)",
-        )
+        set_reuseaddr(fd)
     })();
     if result.is_err() {
         let _ = set_repair(fd, TCP_REPAIR_ON);
@@ -1031,15 +1019,21 @@ pub fn speak(fd: BorrowedFd, state: &TcpConnState) -> Result<(), RepairError> {
         // untouched by the round trip.
         set_repair(fd, TCP_REPAIR_ON)?;
         set_repair(fd, TCP_REPAIR_OFF)?;
-        setsockopt_int(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            1,
-            "setsockopt(SO_REUSEADDR)",
-        )?;
+        set_reuseaddr(fd)?;
     }
     send_all(fd, &state.unsent)
+}
+
+/// Repair mode makes the kernel forget SO_REUSEADDR; servers' sockets
+/// have it, and a listener must be able to bind the port again later.
+fn set_reuseaddr(fd: BorrowedFd) -> Result<(), RepairError> {
+    setsockopt_int(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_REUSEADDR,
+        1,
+        "setsockopt(SO_REUSEADDR)",
+    )
 }
 
 fn set_mark(fd: BorrowedFd, mark: u32) -> Result<(), RepairError> {
@@ -1072,13 +1066,7 @@ fn go_live_inner(fd: BorrowedFd, state: &TcpConnState) -> Result<(), RepairError
     apply_sockopts(fd, &state.sockopts)?;
     // Repair mode left SO_REUSEADDR off; servers' sockets have it, and a
     // listener must be able to bind this port again later.
-    setsockopt_int(
-        fd,
-        libc::SOL_SOCKET,
-        libc::SO_REUSEADDR,
-        1,
-        "setsockopt(SO_REUSEADDR)",
-    )?;
+    set_reuseaddr(fd)?;
 
     // Never sent: the normal send path sends them, after the unacked data.
     send_all(fd, &state.unsent)?;

@@ -49,16 +49,15 @@ impl Service for Probe {
     }
 }
 
-/// Deterministic choices for the generator (SplitMix64).
-struct Rng(u64);
+/// Deterministic choices for the generator (the services' SplitMix64).
+struct Rng(crate::service::SplitMix64);
 
 impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(crate::service::SplitMix64(seed))
+    }
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next()
     }
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
@@ -242,7 +241,7 @@ impl Client {
 /// retransmissions, reordering, spoofed RSTs, garbage, pure ACKs and ticks,
 /// produced through the capture path of a primary that applies it.
 fn generate(seed: u64, streams: &[Vec<u8>]) -> Primary {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut p = Primary::new();
     let mut time = 1_000_000u64;
     p.commit(ReplicaEntry::Tick(Tick {
@@ -509,7 +508,7 @@ proptest! {
 /// `wscale: None` leaves the client's window unscaled (64 KiB), so the
 /// output limit is at its floor.
 fn open_one(wscale: Option<u8>) -> (Primary, Client) {
-    let mut rng = Rng(99);
+    let mut rng = Rng::new(99);
     let mut p = Primary::new();
     p.commit(ReplicaEntry::Tick(Tick {
         time_ms: 1_000,
@@ -692,7 +691,7 @@ fn a_spoofed_rst_on_a_pending_or_open_connection_closes_nothing() {
 fn aborted_and_unknown_connections() {
     let (mut p, c) = open_one(Some(WSCALE));
     // A segment of a connection nobody opened is counted and skipped.
-    let mut other = Client::new(5, Vec::new(), &mut Rng(1));
+    let mut other = Client::new(5, Vec::new(), &mut Rng::new(1));
     other.phase = Phase::Open;
     p.packet(&data_packet(&other, 0, b"zz", 1), false);
     assert_eq!(p.replica.counters().unknown_conn, 1);
@@ -756,7 +755,7 @@ fn pure_ack_packet(c: &Client, ack: u32, window: u16) -> Vec<u8> {
 
 #[test]
 fn capture_drops_malformed_and_accepts_pure_acks_at_once() {
-    let c = Client::new(0, Vec::new(), &mut Rng(3));
+    let c = Client::new(0, Vec::new(), &mut Rng::new(3));
     let mut cap = Capture::new();
     let good = pure_ack_packet(&c, 100, 10);
     let mut bad = good.clone();
@@ -798,7 +797,7 @@ fn capture_drops_malformed_and_accepts_pure_acks_at_once() {
 
 #[test]
 fn capture_accepts_data_only_after_commit_in_log_order() {
-    let c = Client::new(0, vec![1; 30], &mut Rng(3));
+    let c = Client::new(0, vec![1; 30], &mut Rng::new(3));
     let mut cap = Capture::new();
     cap.handle_captured(9, &pure_ack_packet(&c, 100, 10), TcpChecksum::Verify);
     assert_eq!(cap.poll_verdicts(), vec![(9, Verdict::Accept)]);
@@ -860,7 +859,7 @@ fn capture_accepts_data_only_after_commit_in_log_order() {
 
 #[test]
 fn entries_round_trip() {
-    let c = Client::new(0, Vec::new(), &mut Rng(3));
+    let c = Client::new(0, Vec::new(), &mut Rng::new(3));
     let entries = vec![
         ReplicaEntry::Segment(ClientSegment {
             packet: c.syn(),
