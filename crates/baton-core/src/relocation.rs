@@ -341,6 +341,13 @@ impl MoveSession {
             (Phase::Offered, MoveMessage::Conns { connections, .. }, true)
                 if self.offered < self.total =>
             {
+                // An empty batch moves nothing: a peer sending them would
+                // keep the target waiting for ever.
+                if connections.is_empty() {
+                    return Err(ProtocolError::BadOffer(
+                        "an empty batch of connections".into(),
+                    ));
+                }
                 self.add_connections(connections)?;
                 Phase::Offered
             }
@@ -653,6 +660,16 @@ mod tests {
         // Nothing beyond the total.
         let extra = batched(11, &[1, 1]).pop().unwrap();
         assert!(dst.clone().on_receive(&extra).is_err());
+        // Nor an empty batch (it would keep the target waiting for ever).
+        let (mut s2, mut d2) = prepared(16);
+        let msgs2 = batched(16, &[1, 1]);
+        s2.on_send(&msgs2[0]).unwrap();
+        d2.on_receive(&msgs2[0]).unwrap();
+        let empty = MoveMessage::Conns {
+            move_id: 16,
+            connections: Vec::new(),
+        };
+        assert!(d2.on_receive(&empty).is_err());
         dst.on_send(&ready).unwrap();
         src.on_receive(&ready).unwrap();
         assert_eq!(src.phase(), Phase::Ready);

@@ -975,7 +975,7 @@ fn rebuild_once(state: &TcpConnState) -> Result<OwnedFd, RepairError> {
 /// connection had one, our FIN. On error the socket is put back in repair
 /// mode, so the caller can still close it silently.
 pub fn go_live(fd: BorrowedFd, state: &TcpConnState) -> Result<(), RepairError> {
-    let result = go_live_inner(fd, state);
+    let result = set_mark(fd, 0).and_then(|()| go_live_inner(fd, state));
     if result.is_err() {
         let _ = set_repair(fd, TCP_REPAIR_ON);
     }
@@ -1014,7 +1014,7 @@ pub fn go_live_silenced(fd: BorrowedFd, state: &TcpConnState) -> Result<(), Repa
 /// sent go out.
 pub fn speak(fd: BorrowedFd, state: &TcpConnState) -> Result<(), RepairError> {
     set_mark(fd, 0)?;
-    if !state.unacked.is_empty() {
+    if needs_probe(state) {
         // Leaving repair mode sends the probe; the connection's state is
         // untouched by the round trip.
         set_repair(fd, TCP_REPAIR_ON)?;
@@ -1036,6 +1036,24 @@ fn set_reuseaddr(fd: BorrowedFd) -> Result<(), RepairError> {
     )
 }
 
+/// Whether a rebuilt socket must speak at once: data in flight (the peer's
+/// answer starts recovery), or bytes received that the peer may not have
+/// seen acknowledged: a delayed ACK still pending at the freeze (the last
+/// window update was for less than we have), or unread data. The peer
+/// would otherwise wait for its retransmission timer. (An ACK the kernel
+/// sent after the source's silence went in, and that the silence dropped,
+/// leaves no trace in the socket: that peer resends after its timer.)
+fn needs_probe(state: &TcpConnState) -> bool {
+    !state.unacked.is_empty() || !state.unread.is_empty() || state.window.rcv_wup != state.rcv_nxt()
+}
+
+/// Marks a socket still in repair mode silent
+/// ([`crate::silence::SILENT_MARK`]) until [`go_live`] clears the mark:
+/// a rebuilt socket's retransmission timer fires even in repair mode.
+pub fn silence(fd: BorrowedFd) -> Result<(), RepairError> {
+    set_mark(fd, crate::silence::SILENT_MARK)
+}
+
 fn set_mark(fd: BorrowedFd, mark: u32) -> Result<(), RepairError> {
     setsockopt_int(
         fd,
@@ -1054,7 +1072,7 @@ fn go_live_inner(fd: BorrowedFd, state: &TcpConnState) -> Result<(), RepairError
     // flight the peer has nothing to tell: the probe and the ACK it draws
     // would only cost both ends a packet, per connection, on the clients'
     // time.
-    let quiet = state.state == TcpState::Established && state.unacked.is_empty();
+    let quiet = state.state == TcpState::Established && !needs_probe(state);
     set_repair(
         fd,
         if quiet {

@@ -879,11 +879,15 @@ fn thaw_batch(batch: Vec<ConnHandoff>, thawed: &mut Thawed) -> Result<(), MoveEr
         let fd =
             repair::rebuild(&state).map_err(|source| MoveError::Repair { id: c.id, source })?;
         let live = repair::can_go_live_silenced(&state);
-        if live {
-            if let Err(source) = repair::go_live_silenced(fd.as_fd(), &state) {
-                close_silently(fd);
-                return Err(MoveError::Repair { id: c.id, source });
-            }
+        let silenced = if live {
+            repair::go_live_silenced(fd.as_fd(), &state)
+        } else {
+            // Stays in repair mode until Commit, where its timers still fire.
+            repair::silence(fd.as_fd())
+        };
+        if let Err(source) = silenced {
+            close_silently(fd);
+            return Err(MoveError::Repair { id: c.id, source });
         }
         thawed.push((c.id, fd, state, c.app, live));
     }
@@ -976,17 +980,12 @@ async fn take_in<S: ControlIo>(
             // is held here, not at the source (where it would have to be
             // forwarded). If the move rolls back, the source announces again.
             let (how, to_announce) = (cfg.announce, taken.clone());
+            // (The second wave waits for Commit: announcing again while
+            // the source may be rolling back would pull the clients to a
+            // node about to give the VIP up.)
             let announce_task = tokio::spawn(async move {
                 if let Err(e) = vip::announce(&to_announce, how).await {
                     tracing::error!(error = %e, "announcing the VIP");
-                }
-                // A second wave for clients that missed the first (a lost
-                // frame, a link down for a moment), as keepalived repeats
-                // its gratuitous ARPs; otherwise they would keep sending to
-                // the old owner until their neighbour entry expires.
-                tokio::time::sleep(REANNOUNCE_AFTER).await;
-                if let Err(e) = vip::announce(&to_announce, how).await {
-                    tracing::warn!(error = %e, "announcing the VIP again");
                 }
             });
             // A move away from here stops it: an old owner announcing would
@@ -1000,16 +999,20 @@ async fn take_in<S: ControlIo>(
                 move_id,
                 thawed: thawed.len() as u32,
             };
-            session.on_send(&ready)?;
-            record_outcome(move_id, Outcome::Pending);
-            write_message(control, &ready)
-                .await
-                .map_err(|source| MoveError::Control {
-                    peer: control
-                        .peer_addr()
-                        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
-                    source,
-                })
+            match session.on_send(&ready) {
+                Err(e) => Err(e.into()),
+                Ok(()) => {
+                    record_outcome(move_id, Outcome::Pending);
+                    write_message(control, &ready)
+                        .await
+                        .map_err(|source| MoveError::Control {
+                            peer: control
+                                .peer_addr()
+                                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
+                            source,
+                        })
+                }
+            }
         }
     };
     if let Err(e) = sent {
@@ -1083,6 +1086,21 @@ where
     };
     debug_assert_eq!(session.phase(), Phase::Committed);
     record_outcome(move_id, Outcome::Committed);
+    // A second wave for clients that missed the first (a lost frame, a
+    // link down for a moment), as keepalived repeats its gratuitous ARPs;
+    // otherwise they would keep sending to the old owner until their
+    // neighbour entry expires. A move away from here stops it.
+    let (how, to_announce) = (cfg.announce, taken.clone());
+    let second_wave = tokio::spawn(async move {
+        tokio::time::sleep(REANNOUNCE_AFTER).await;
+        if let Err(e) = vip::announce(&to_announce, how).await {
+            tracing::warn!(error = %e, "announcing the VIP again");
+        }
+    });
+    pending_announcements().insert(
+        (baton_net::netns::current_id(), vip.addr),
+        second_wave.abort_handle(),
+    );
 
     let connections = thawed.len();
     let committed_at = Instant::now();

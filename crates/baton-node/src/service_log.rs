@@ -14,15 +14,20 @@
 //!   a fresh id, a learner first ([`RaftGroup::join`]), added by the
 //!   leader when asked ([`PeerRequest::LogJoin`]), promoted once caught up;
 //!   the leader then removes the node's earlier incarnation;
-//! - otherwise it founds the group with every configured node as a
-//!   founding voter (ids from the order of `[peers]`), as its peers do when
-//!   they start the same way. A founding node that has never seen a leader
-//!   has decided nothing yet, so two nodes founding at the same time is
-//!   the normal start of a cluster.
+//! - it founds the group, with every configured node as a founding voter
+//!   (ids from the order of `[peers]`), only when no formed group can be
+//!   alive: every peer answered that it has none (or only one still
+//!   forming), or enough of them did that, with this node, they are a
+//!   majority of `[peers]` (a group needs a majority to have a leader).
+//!   A founding node that has never seen a leader has decided nothing yet,
+//!   so nodes founding at the same time is the normal start of a cluster;
+//! - otherwise (peers unreachable, no majority heard) it asks again.
 //!
-//! A founder that crashes and restarts before the group ever had a leader
-//! founds again under its old id: the one window in which a node could
-//! vote twice in a term, at cluster formation only.
+//! Known limits of an in-memory log: a founder that crashes and restarts
+//! before the group ever had a leader founds again under its old id (it
+//! could vote twice in that first term); and a group that lost a majority
+//! of its voters' state (say one founder never started and another
+//! restarted) has no leader to add anyone, until an operator steps in.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -34,7 +39,8 @@ use crate::config::NodeConfig;
 use crate::control::{PeerReply, PeerRequest};
 use crate::peer::PeerAuth;
 use crate::raft::{
-    Event, GroupConfig, Member, Membership, RaftGroup, RaftId, Role, StartError, Status,
+    ChangeError, Event, GroupConfig, Member, Membership, RaftGroup, RaftId, Role, StartError,
+    Status,
 };
 
 /// How often the leader looks for learners to promote and old
@@ -42,6 +48,8 @@ use crate::raft::{
 const MAINTAIN_EVERY: Duration = Duration::from_millis(200);
 /// How long a starting node waits for each peer's view of the group.
 const ASK_TIMEOUT: Duration = Duration::from_millis(800);
+/// Pause between two rounds of asking, while the answers decide nothing.
+const ASK_AGAIN: Duration = Duration::from_millis(300);
 
 /// What a node knows of a service's group (the answer to
 /// [`PeerRequest::LogMembers`]).
@@ -137,7 +145,13 @@ impl ServiceLog {
                 service: service.to_owned(),
             })?;
         let group_cfg = GroupConfig::new(service);
-        let formed = formed_elsewhere(cfg, &auth, service).await;
+        let formed = loop {
+            match decide(cfg, &auth, service).await {
+                Decision::Join(members, leader) => break Some((members, leader)),
+                Decision::Found => break None,
+                Decision::Wait => tokio::time::sleep(ASK_AGAIN).await,
+            }
+        };
         let start_err = |source| ServiceLogError::Start {
             service: service.to_owned(),
             source,
@@ -159,7 +173,11 @@ impl ServiceLog {
             }
         };
         let group = Arc::new(group);
-        let applied = Arc::new(Mutex::new(Applied::default()));
+        // A joiner's group has had a leader: it says Formed at once.
+        let applied = Arc::new(Mutex::new(Applied {
+            index: 0,
+            ever_led: joining.is_some(),
+        }));
         let mut tasks = vec![tokio::spawn(follow(
             group.clone(),
             events,
@@ -228,6 +246,11 @@ impl ServiceLog {
             .get(name)
             .copied()
             .ok_or_else(|| format!("{name} is not in [peers]"))?;
+        if id < crate::raft::FIRST_JOINED_ID {
+            return Err(format!(
+                "{id} is a founding id: a joining node draws a new one"
+            ));
+        }
         let earlier: Vec<RaftId> = self
             .group
             .status()
@@ -240,7 +263,8 @@ impl ServiceLog {
                     .collect()
             })
             .unwrap_or_default();
-        self.group
+        match self
+            .group
             .add_learner(
                 id,
                 Member {
@@ -249,7 +273,12 @@ impl ServiceLog {
                 },
             )
             .await
-            .map_err(|e| e.to_string())?;
+        {
+            Ok(_) => {}
+            // An earlier answer got lost on the way: it is in already.
+            Err(ChangeError::AlreadyMember(m)) if m == id => return Ok(()),
+            Err(e) => return Err(e.to_string()),
+        }
         if !earlier.is_empty() {
             self.replacing
                 .lock()
@@ -317,12 +346,15 @@ fn log_status(s: &Status, applied: u64) -> LogStatus {
     }
 }
 
-/// A peer's group that has had a leader, if any peer has one.
-async fn formed_elsewhere(
-    cfg: &NodeConfig,
-    auth: &PeerAuth,
-    service: &str,
-) -> Option<(BTreeMap<RaftId, Member>, Option<RaftId>)> {
+/// What a starting node does about a service's log.
+enum Decision {
+    Join(BTreeMap<RaftId, Member>, Option<RaftId>),
+    Found,
+    Wait,
+}
+
+/// Asks every peer what it knows of the group (see the module docs).
+async fn decide(cfg: &NodeConfig, auth: &PeerAuth, service: &str) -> Decision {
     let request = PeerRequest::LogMembers {
         service: service.to_owned(),
     };
@@ -331,13 +363,22 @@ async fn formed_elsewhere(
         .keys()
         .filter(|p| **p != cfg.node)
         .map(|peer| crate::daemon::ask_peer(auth, peer, &request, ASK_TIMEOUT));
-    futures::future::join_all(asks)
-        .await
-        .into_iter()
-        .find_map(|answer| match answer {
-            Ok(PeerReply::Log(GroupView::Formed { members, leader })) => Some((members, leader)),
-            _ => None,
-        })
+    let answers = futures::future::join_all(asks).await;
+    let mut without = 1; // this node
+    for answer in answers {
+        match answer {
+            Ok(PeerReply::Log(GroupView::Formed { members, leader })) => {
+                return Decision::Join(members, leader)
+            }
+            Ok(PeerReply::Log(GroupView::None | GroupView::Forming)) => without += 1,
+            _ => {}
+        }
+    }
+    if without == cfg.peers.len() || without * 2 > cfg.peers.len() {
+        Decision::Found
+    } else {
+        Decision::Wait
+    }
 }
 
 /// Keeps the applied index from the group's events.
