@@ -911,14 +911,7 @@ impl CaptureRules {
     ) -> Result<CaptureRules, HoldError> {
         ensure_not_root_netns()?;
         let ports = ports.into();
-        if let Ports::Tcp(list) = &ports {
-            if list.contains(&0) {
-                return Err(HoldError::PortZero);
-            }
-            if list.is_empty() {
-                return Err(HoldError::NoPorts);
-            }
-        }
+        check_ports(&ports)?;
         let netns = File::open("/proc/thread-self/ns/net").map_err(HoldError::NamespaceCheck)?;
         let tool = tool_for(vip);
         let tag = [
@@ -1038,10 +1031,7 @@ impl Hold {
         ports: impl Into<Ports>,
         queue_num: u16,
     ) -> Result<Hold, HoldError> {
-        let ports = ports.into();
-        ensure_not_root_netns()?;
-        check_ports(&ports)?;
-        Hold::install_rules(HoldQueue::open(queue_num)?, vip, ports, false)
+        Hold::install_here(vip, ports.into(), queue_num, false)
     }
 
     /// [`Hold::install`], and the VIP's own sockets (`ports` as source
@@ -1053,10 +1043,7 @@ impl Hold {
         ports: impl Into<Ports>,
         queue_num: u16,
     ) -> Result<Hold, HoldError> {
-        let ports = ports.into();
-        ensure_not_root_netns()?;
-        check_ports(&ports)?;
-        Hold::install_rules(HoldQueue::open(queue_num)?, vip, ports, true)
+        Hold::install_here(vip, ports.into(), queue_num, true)
     }
 
     /// [`Hold::install`] on a queue opened ahead ([`HoldQueue::open`]): only
@@ -1066,9 +1053,7 @@ impl Hold {
         vip: IpAddr,
         ports: impl Into<Ports>,
     ) -> Result<Hold, HoldError> {
-        let ports = ports.into();
-        check_ports(&ports)?;
-        Hold::install_rules(queue, vip, ports, false)
+        Hold::install_checked(queue, vip, ports.into(), false)
     }
 
     /// [`Hold::install_silenced`] on a queue opened ahead.
@@ -1077,9 +1062,30 @@ impl Hold {
         vip: IpAddr,
         ports: impl Into<Ports>,
     ) -> Result<Hold, HoldError> {
-        let ports = ports.into();
+        Hold::install_checked(queue, vip, ports.into(), true)
+    }
+
+    /// In the calling thread's namespace, on a queue opened here once the
+    /// checks pass (a refused hold binds nothing).
+    fn install_here(
+        vip: IpAddr,
+        ports: Ports,
+        queue_num: u16,
+        silence: bool,
+    ) -> Result<Hold, HoldError> {
+        ensure_not_root_netns()?;
         check_ports(&ports)?;
-        Hold::install_rules(queue, vip, ports, true)
+        Hold::install_rules(HoldQueue::open(queue_num)?, vip, ports, silence)
+    }
+
+    fn install_checked(
+        queue: HoldQueue,
+        vip: IpAddr,
+        ports: Ports,
+        silence: bool,
+    ) -> Result<Hold, HoldError> {
+        check_ports(&ports)?;
+        Hold::install_rules(queue, vip, ports, silence)
     }
 
     fn install_rules(
