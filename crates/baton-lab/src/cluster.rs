@@ -29,6 +29,8 @@ pub struct ServiceSpec {
     pub prefix_len: u8,
     pub ports: Vec<u16>,
     pub preferred_node: String,
+    /// Served from the replicated log, a hot clone on every node.
+    pub replicated: bool,
 }
 
 /// Node settings the cluster writes into every node's configuration.
@@ -36,6 +38,8 @@ pub struct ServiceSpec {
 pub struct NodeOptions {
     /// VRRP router id: VIPs ride its virtual MAC.
     pub vrid: Option<u8>,
+    /// The replicated log's election timeout, if not the default.
+    pub election_timeout_ms: Option<u64>,
 }
 
 /// A running cluster; dropping it stops the nodes (and the lab, if owned).
@@ -167,6 +171,9 @@ impl Cluster {
         if let Some(vrid) = self.options.vrid {
             text.insert_str(0, &format!("vrid = {vrid}\n"));
         }
+        if let Some(ms) = self.options.election_timeout_ms {
+            text.insert_str(0, &format!("election_timeout_ms = {ms}\n"));
+        }
         for h in self.lab.hosts().iter().filter(|h| h.role == Role::Node) {
             let addr = std::net::SocketAddr::new(IpAddr::V4(h.ipv4), PEER_PORT);
             text.push_str(&format!("{} = \"{addr}\"\n", h.name));
@@ -177,13 +184,14 @@ impl Cluster {
         }
         for s in &self.services {
             text.push_str(&format!(
-                "\n[[services]]\nname = \"{}\"\nkind = \"{}\"\nvip = \"{}/{}\"\nports = [{}]\npreferred_node = \"{}\"\n",
+                "\n[[services]]\nname = \"{}\"\nkind = \"{}\"\nvip = \"{}/{}\"\nports = [{}]\npreferred_node = \"{}\"\nreplicated = {}\n",
                 s.name,
                 s.kind,
                 s.vip,
                 s.prefix_len,
                 s.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", "),
-                s.preferred_node
+                s.preferred_node,
+                s.replicated,
             ));
         }
         let path = dir.join("node.toml");

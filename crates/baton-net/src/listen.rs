@@ -23,3 +23,9 @@ pub fn listen_freebind(addr: SocketAddr, backlog: i32) -> std::io::Result<TcpLis
     socket.listen(backlog)?;
     Ok(socket.into())
 }
+
+/// Makes the socket's close a reset (SO_LINGER 0): what a service that
+/// gives up on a connection sends, instead of a FIN that says "all done".
+pub fn reset_on_close(fd: std::os::fd::BorrowedFd) -> std::io::Result<()> {
+    socket2::SockRef::from(&fd).set_linger(Some(std::time::Duration::ZERO))
+}

@@ -628,6 +628,61 @@ fn freeze_in_repair(fd: BorrowedFd) -> Result<TcpConnState, RepairError> {
     })
 }
 
+/// Our side of a connection's handshake, as the kernel settled it: what
+/// a replicated service logs when its primary accepts a connection, since
+/// no other node saw the SYN-ACK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Handshake {
+    /// Our initial sequence number.
+    pub isn: u32,
+    /// The peer's MSS (what a socket rebuilt for it needs).
+    pub mss: u16,
+    /// The window scale we announced, if both sides use scaling.
+    pub wscale: Option<u8>,
+    pub sack: bool,
+    pub timestamps: bool,
+    /// Our TCP timestamp clock now (`TCP_TIMESTAMP`).
+    pub ts_clock: u32,
+}
+
+/// Reads a freshly accepted socket's [`Handshake`], before anything is
+/// written to it: repair mode for a few reads, then left without a window
+/// probe (nothing changed, so the peer needs nothing).
+pub fn handshake(fd: BorrowedFd) -> Result<Handshake, RepairError> {
+    set_repair(fd, TCP_REPAIR_ON)?;
+    let read = (|| {
+        let snap = snapshot(fd)?;
+        let (ts_clock, _) = getsockopt_raw::<u32>(
+            fd,
+            libc::SOL_TCP,
+            TCP_TIMESTAMP,
+            "getsockopt(TCP_TIMESTAMP)",
+        )?;
+        // In repair mode: the MSS clamp, the peer's MSS.
+        let (mss, _) = getsockopt_raw::<c_int>(
+            fd,
+            libc::SOL_TCP,
+            libc::TCP_MAXSEG,
+            "getsockopt(TCP_MAXSEG)",
+        )?;
+        Ok::<_, RepairError>((snap, ts_clock, mss))
+    })();
+    let leave = set_repair(fd, TCP_REPAIR_OFF_NO_WP).and_then(|()| set_reuseaddr(fd));
+    let (snap, ts_clock, mss) = read?;
+    leave?;
+    let opts = snap.info.options;
+    Ok(Handshake {
+        // Our SYN-ACK took one sequence number; unsent or unacked data (none
+        // before the first write) came after it.
+        isn: snap.write_seq.wrapping_sub(snap.outq).wrapping_sub(1),
+        mss: mss.clamp(0, u16::MAX as c_int) as u16,
+        wscale: (opts & TCPI_OPT_WSCALE != 0).then(|| snap.info.wscale().1),
+        sack: opts & TCPI_OPT_SACK != 0,
+        timestamps: opts & TCPI_OPT_TIMESTAMPS != 0,
+        ts_clock,
+    })
+}
+
 /// Ends a freeze on the original socket: it leaves repair mode and serves
 /// on (the rollback of a move that failed). Leaving repair mode sends a
 /// window probe, so the peer's answer refreshes anything that changed.

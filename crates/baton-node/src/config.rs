@@ -7,6 +7,9 @@
 //! # vrid = 51                     # optional: VIPs ride the VRRP virtual MAC
 //! # announce_count = 5            # gratuitous ARPs / NAs after taking a VIP
 //! # announce_interval_ms = 10     # spacing between them (first one at once)
+//! # raft_tick_ms = 10             # the replicated log's clock tick
+//! # election_timeout_ms = 50      # a follower campaigns after this long without
+//! #                               # a leader (randomised up to twice that)
 //! key_file = "/etc/baton/node1.key"             # this node's private key (mode 600)
 //! cluster_key_file = "/etc/baton/cluster.key"   # the cluster's shared key (mode 600)
 //!
@@ -23,7 +26,8 @@
 //! kind = "kv"                     # kv or echo
 //! vip = "198.18.100.1/16"         # address/prefix, IPv4 or IPv6
 //! ports = [6379]
-//! preferred_node = "node1"        # where it runs at start
+//! preferred_node = "node1"        # where it runs at start (replicated: leads at start)
+//! # replicated = true             # every node keeps a hot clone from the log
 //! ```
 
 use std::collections::BTreeMap;
@@ -55,6 +59,10 @@ pub struct NodeConfig {
     pub services: Vec<ServiceConfig>,
     /// Key files and public keys for the peer connections.
     pub auth: crate::peer::AuthConfig,
+    /// The replicated log's tick.
+    pub raft_tick: std::time::Duration,
+    /// The shortest election timeout (a whole number of ticks).
+    pub election_timeout: std::time::Duration,
 }
 
 /// One service of the cluster.
@@ -64,6 +72,8 @@ pub struct ServiceConfig {
     pub kind: String,
     pub vip: Vip,
     pub preferred_node: String,
+    /// Served from the replicated log, with a hot clone on every node.
+    pub replicated: bool,
 }
 
 #[derive(Deserialize)]
@@ -75,6 +85,8 @@ struct RawConfig {
     vrid: Option<u8>,
     announce_count: Option<u32>,
     announce_interval_ms: Option<u64>,
+    raft_tick_ms: Option<u64>,
+    election_timeout_ms: Option<u64>,
     key_file: Option<PathBuf>,
     cluster_key_file: Option<PathBuf>,
     peers: BTreeMap<String, String>,
@@ -92,6 +104,8 @@ struct RawService {
     vip: String,
     ports: Vec<u16>,
     preferred_node: String,
+    #[serde(default)]
+    replicated: bool,
 }
 
 impl NodeConfig {
@@ -163,6 +177,20 @@ impl NodeConfig {
             }
             announce.interval = std::time::Duration::from_millis(ms);
         }
+        let raft_tick_ms = raw.raft_tick_ms.unwrap_or(10);
+        if !(1..=1000).contains(&raft_tick_ms) {
+            return Err(err("raft_tick_ms", "expected 1 to 1000".into()));
+        }
+        let election_timeout_ms = raw.election_timeout_ms.unwrap_or(50);
+        if election_timeout_ms < 2 * raft_tick_ms || election_timeout_ms > 600_000 {
+            return Err(err(
+                "election_timeout_ms",
+                format!(
+                    "expected at least two ticks ({} ms) and at most 600000",
+                    2 * raft_tick_ms
+                ),
+            ));
+        }
         let mut services: Vec<ServiceConfig> = Vec::new();
         for (i, s) in raw.services.into_iter().enumerate() {
             let key = |field: &str| format!("services[{i}].{field}");
@@ -222,6 +250,7 @@ impl NodeConfig {
                 kind: s.kind,
                 vip,
                 preferred_node: s.preferred_node,
+                replicated: s.replicated,
             });
         }
         let key_file = raw.key_file.ok_or_else(|| {
@@ -269,7 +298,14 @@ impl NodeConfig {
                 cluster_key_file,
                 public_keys,
             },
+            raft_tick: std::time::Duration::from_millis(raft_tick_ms),
+            election_timeout: std::time::Duration::from_millis(election_timeout_ms),
         })
+    }
+
+    /// The election timeout in ticks, as raft counts it.
+    pub fn election_ticks(&self) -> usize {
+        (self.election_timeout.as_millis() / self.raft_tick.as_millis().max(1)).max(2) as usize
     }
 
     /// The control socket of this node.
@@ -321,6 +357,14 @@ preferred_node = "node2"
         assert_eq!(c.node, "node1");
         assert_eq!(c.services[0].vip.ports, vec![6379]);
         assert_eq!(c.own_addr(), "198.18.1.1:7700".parse().unwrap());
+        assert_eq!(c.election_ticks(), 5);
+        assert!(!c.services[0].replicated);
+        let long = parse(&GOOD.replace(
+            "state_dir",
+            "raft_tick_ms = 20\nelection_timeout_ms = 5000\nstate_dir",
+        ))
+        .unwrap();
+        assert_eq!(long.election_ticks(), 250);
     }
 
     #[test]
@@ -376,6 +420,14 @@ preferred_node = "node2"
                 "public_keys.node2",
             ),
             (GOOD.replace("\"0202", "\"zz02"), "public_keys.node2"),
+            (
+                GOOD.replace("state_dir", "election_timeout_ms = 5\nstate_dir"),
+                "election_timeout_ms",
+            ),
+            (
+                GOOD.replace("state_dir", "raft_tick_ms = 0\nstate_dir"),
+                "raft_tick_ms",
+            ),
         ];
         for (text, key) in cases {
             let e = parse(&text).unwrap_err();

@@ -20,6 +20,7 @@ use crate::control::{
 use crate::peer::{ControlStream, PeerAuth};
 use crate::raft::transport::{self, Channel};
 use crate::relocation::{self, MoveConfig, Parked, Taker};
+use crate::replicated::{ReplicatedConfig, ReplicatedService, ServiceRole};
 use crate::runtime::{Registry, ServiceRuntime, ServiceState};
 use crate::service_log::{GroupView, LogStatus, ServiceLog};
 
@@ -47,6 +48,8 @@ struct Slot {
     /// Set while this node serves it.
     runtime: Option<ServiceRuntime>,
     moving: bool,
+    /// A replicated service's loop, once its log started.
+    replicated: Option<Arc<ReplicatedService>>,
 }
 
 struct Node {
@@ -135,6 +138,23 @@ pub async fn run(cfg: NodeConfig, registry: Registry) -> Result<(), NodeError> {
             listeners.push(Arc::new(l));
         }
         let spec = node.moves.spec(&s.vip);
+        if s.replicated {
+            // The log's leader takes the VIP (see `start_logs`).
+            if let Err(e) = vip::release(&spec).await {
+                tracing::warn!(service = %s.name, error = %e, "removing a leftover VIP");
+            }
+            node.slots().insert(
+                s.name.clone(),
+                Slot {
+                    cfg: s.clone(),
+                    listeners,
+                    runtime: None,
+                    moving: false,
+                    replicated: None,
+                },
+            );
+            continue;
+        }
         let elsewhere = if s.preferred_node == cfg.node {
             running_elsewhere(&cfg, &auth, &s.name).await
         } else {
@@ -169,6 +189,7 @@ pub async fn run(cfg: NodeConfig, registry: Registry) -> Result<(), NodeError> {
                 listeners,
                 runtime,
                 moving: false,
+                replicated: None,
             },
         );
     }
@@ -224,17 +245,59 @@ pub async fn run(cfg: NodeConfig, registry: Registry) -> Result<(), NodeError> {
     Ok(())
 }
 
-/// Starts every service's log (see [`crate::service_log`]).
+/// NFQUEUE queue of the first service's capture (one per service from
+/// there; the holds of moves use theirs from [`MoveConfig::queue_num`]).
+const CAPTURE_QUEUE_BASE: u16 = 100;
+
+/// Starts every service's log (see [`crate::service_log`]), and the
+/// replicated services' loops on theirs.
 async fn start_logs(node: Arc<Node>) {
-    for s in &node.cfg.services {
-        match ServiceLog::start(&node.cfg, node.auth.clone(), &s.name).await {
-            Ok(log) => {
-                node.logs
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(s.name.clone(), Arc::new(log));
+    for (i, s) in node.cfg.services.iter().enumerate() {
+        let (sink, events) = if s.replicated {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let log = match ServiceLog::start(&node.cfg, node.auth.clone(), &s.name, sink).await {
+            Ok(log) => Arc::new(log),
+            Err(e) => {
+                tracing::error!(error = %e, "the service runs without its log");
+                continue;
             }
-            Err(e) => tracing::error!(error = %e, "the service runs without its log"),
+        };
+        node.logs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(s.name.clone(), log.clone());
+        let Some(events) = events else {
+            continue;
+        };
+        let Some(kind) = node.registry.get(&s.kind).cloned() else {
+            tracing::error!(service = %s.name, kind = %s.kind, "unknown service kind");
+            continue;
+        };
+        let listeners = match node.slots().get(&s.name) {
+            Some(slot) => slot.listeners.clone(),
+            None => continue,
+        };
+        let cfg = ReplicatedConfig {
+            name: s.name.clone(),
+            kind,
+            vip: s.vip.clone(),
+            spec: node.moves.spec(&s.vip),
+            announce: node.moves.announce,
+            node: node.cfg.node.clone(),
+            preferred_node: s.preferred_node.clone(),
+            queue_num: CAPTURE_QUEUE_BASE + i as u16,
+        };
+        match ReplicatedService::start(cfg, listeners, log.group().clone(), events) {
+            Ok(r) => {
+                if let Some(slot) = node.slots().get_mut(&s.name) {
+                    slot.replicated = Some(Arc::new(r));
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "the replicated service cannot start"),
         }
     }
 }
@@ -263,9 +326,13 @@ async fn shutdown(node: &Node) {
     let held: Vec<Vip> = node
         .slots()
         .values()
-        .filter(|s| s.runtime.is_some())
+        .filter(|s| s.runtime.is_some() || s.replicated.is_some())
         .map(|s| s.cfg.vip.clone())
         .collect();
+    // The replicated loops stop first, so none takes a VIP back.
+    for slot in node.slots().values_mut() {
+        slot.replicated = None;
+    }
     for v in held {
         if let Err(e) = vip::release(&node.moves.spec(&v)).await {
             tracing::warn!(vip = %v.addr, error = %e, "releasing a VIP at shutdown");
@@ -347,7 +414,7 @@ async fn serve_peer(node: Arc<Node>, stream: TcpStream, from: SocketAddr) -> Res
         .map_err(|e| e.to_string())
 }
 
-/// This node's view of every service's log.
+/// This node's view of every service's log, and its role in each.
 async fn log_statuses(node: &Node) -> Vec<(String, LogStatus)> {
     let logs: Vec<(String, Arc<ServiceLog>)> = node
         .logs
@@ -358,11 +425,34 @@ async fn log_statuses(node: &Node) -> Vec<(String, LogStatus)> {
         .collect();
     let mut out = Vec::new();
     for (name, log) in logs {
-        if let Some(s) = log.status().await {
-            out.push((name, s));
+        let Some(mut s) = log.status().await else {
+            continue;
+        };
+        let (replicated, running) = match node.slots().get(&name) {
+            Some(slot) => (slot.replicated.clone(), slot.runtime.is_some()),
+            None => (None, false),
+        };
+        match replicated {
+            Some(r) => {
+                if let Some(rs) = r.status().await {
+                    s.role = role_name(rs.role).to_owned();
+                    s.applied_index = rs.applied_index;
+                    s.state_digest = Some(rs.state_digest);
+                }
+            }
+            None => s.role = if running { "primary" } else { "standby" }.to_owned(),
         }
+        out.push((name, s));
     }
     out
+}
+
+fn role_name(role: ServiceRole) -> &'static str {
+    match role {
+        ServiceRole::Primary => "primary",
+        ServiceRole::Clone => "clone",
+        ServiceRole::CatchingUp => "catching_up",
+    }
 }
 
 /// Services this node runs: (name, connections, moving).
@@ -372,9 +462,21 @@ async fn running_here(node: &Node) -> Vec<(String, usize, bool)> {
         .iter()
         .filter_map(|(name, s)| Some((name.clone(), s.runtime.clone()?, s.moving)))
         .collect();
+    let replicated: Vec<(String, Arc<ReplicatedService>)> = node
+        .slots()
+        .iter()
+        .filter_map(|(name, s)| Some((name.clone(), s.replicated.clone()?)))
+        .collect();
     let mut out = Vec::new();
     for (name, rt, moving) in running {
         out.push((name, rt.connections().await, moving));
+    }
+    for (name, r) in replicated {
+        if let Some(s) = r.status().await {
+            if s.role == ServiceRole::Primary {
+                out.push((name, s.connections, false));
+            }
+        }
     }
     out
 }
@@ -504,6 +606,11 @@ async fn handle_control(node: &Arc<Node>, req: ControlRequest) -> ControlReply {
                             .cloned()
                             .collect::<Vec<_>>()
                             .join(", ")
+                    ));
+                }
+                if node.cfg.services.iter().any(|s| s.name == service && s.replicated) {
+                    return Err(format!(
+                        "service {service:?} is replicated: moving its primary (a leader transfer with its connections) is not built yet"
                     ));
                 }
                 let here = node

@@ -9,5 +9,6 @@ pub mod move_agent;
 pub mod peer;
 pub mod raft;
 pub mod relocation;
+pub mod replicated;
 pub mod runtime;
 pub mod service_log;

@@ -290,7 +290,9 @@ impl Loop {
 }
 
 /// Accepts from whichever of the service's listeners has a connection.
-async fn accept_any(listeners: &[Arc<TcpListener>]) -> std::io::Result<(TcpStream, SocketAddr)> {
+pub(crate) async fn accept_any(
+    listeners: &[Arc<TcpListener>],
+) -> std::io::Result<(TcpStream, SocketAddr)> {
     std::future::poll_fn(|cx| {
         for l in listeners {
             if let std::task::Poll::Ready(r) = l.poll_accept(cx) {

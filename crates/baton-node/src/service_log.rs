@@ -34,6 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 
 use crate::config::NodeConfig;
 use crate::control::{PeerReply, PeerRequest};
@@ -71,13 +72,19 @@ pub enum GroupView {
 pub struct LogStatus {
     /// This node's raft id in the group (new at every start).
     pub raft_id: RaftId,
-    /// `leader`, `follower`, `candidate` or `learner`.
+    /// The service's role here: `primary`, `clone` or `catching_up` for a
+    /// replicated service; `primary` or `standby` for one that is not.
     pub role: String,
+    /// In the log: `leader`, `follower`, `candidate` or `learner`.
+    pub raft_role: String,
     /// The node the group's leader runs on, if known.
     pub leader: Option<String>,
     pub term: u64,
     pub commit_index: u64,
     pub applied_index: u64,
+    /// A replicated service's state digest at `applied_index` (hex).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_digest: Option<String>,
     /// Members' node names.
     pub voters: Vec<String>,
     pub learners: Vec<String>,
@@ -118,10 +125,13 @@ pub enum ServiceLogError {
 impl ServiceLog {
     /// Starts `service`'s log here: founds the group or joins it (see the
     /// module docs).
+    /// With `sink`, every event of the group goes on to it (a replicated
+    /// service applies them); without, the log only keeps its index.
     pub async fn start(
         cfg: &NodeConfig,
         auth: Arc<PeerAuth>,
         service: &str,
+        sink: Option<mpsc::UnboundedSender<Event>>,
     ) -> Result<ServiceLog, ServiceLogError> {
         let founders: BTreeMap<RaftId, Member> = cfg
             .peers
@@ -144,7 +154,9 @@ impl ServiceLog {
             .ok_or_else(|| ServiceLogError::NotAPeer {
                 service: service.to_owned(),
             })?;
-        let group_cfg = GroupConfig::new(service);
+        let mut group_cfg = GroupConfig::new(service);
+        group_cfg.tick = cfg.raft_tick;
+        group_cfg.election_ticks = cfg.election_ticks();
         let formed = loop {
             match decide(cfg, &auth, service).await {
                 Decision::Join(members, leader) => break Some((members, leader)),
@@ -183,6 +195,7 @@ impl ServiceLog {
             events,
             applied.clone(),
             service.to_owned(),
+            sink,
         ))];
         let replacing = Replacing::default();
         tasks.push(tokio::spawn(maintain(
@@ -324,13 +337,15 @@ fn log_status(s: &Status, applied: u64) -> LogStatus {
     };
     LogStatus {
         raft_id: s.id,
-        role: role.to_owned(),
+        role: String::new(),
+        raft_role: role.to_owned(),
         leader: s.leader.and_then(name_of),
         term: s.term,
         commit_index: s.commit_index,
         // Entries without data (a new leader's empty entry) count as
         // applied once the group hands them over.
         applied_index: applied.max(s.applied_index),
+        state_digest: None,
         voters: s
             .membership
             .voters
@@ -387,8 +402,26 @@ async fn follow(
     mut events: crate::raft::Events,
     applied: Arc<Mutex<Applied>>,
     service: String,
+    sink: Option<mpsc::UnboundedSender<Event>>,
 ) {
     while let Some(event) = events.recv().await {
+        if let Some(sink) = &sink {
+            if let Event::Leader(l) = &event {
+                applied.lock().unwrap_or_else(|e| e.into_inner()).ever_led |= l.leader.is_some();
+            }
+            let index = match &event {
+                Event::Committed(c) => Some(c.index),
+                Event::Membership { index, .. } | Event::Snapshot { index, .. } => Some(*index),
+                _ => None,
+            };
+            if let Some(index) = index {
+                applied.lock().unwrap_or_else(|e| e.into_inner()).index = index;
+            }
+            if sink.send(event).is_err() {
+                return;
+            }
+            continue;
+        }
         let applied_now = |f: &dyn Fn(&mut Applied)| {
             f(&mut applied.lock().unwrap_or_else(|e| e.into_inner()));
         };

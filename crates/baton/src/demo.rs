@@ -74,6 +74,7 @@ pub fn run(args: DemoArgs) -> Result<i32> {
             prefix_len: 16,
             ports: vec![KV_PORT],
             preferred_node: "node1".into(),
+            replicated: false,
         }],
     )?;
     say("three `baton node` processes up; kv runs on node1".into());

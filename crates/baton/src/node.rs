@@ -141,13 +141,19 @@ pub fn run_ctl(args: CtlArgs) -> Result<i32> {
                 );
                 for l in &s.log {
                     println!(
-                        "    log on {:<10} {:<9} term {:<4} commit {:<8} applied {:<8} leader {}",
+                        "    on {:<10} {:<11} log {:<9} term {:<4} commit {:<8} applied {:<8} leader {}{}",
                         l.node,
                         l.status.role,
+                        l.status.raft_role,
                         l.status.term,
                         l.status.commit_index,
                         l.status.applied_index,
                         l.status.leader.as_deref().unwrap_or("-"),
+                        l.status
+                            .state_digest
+                            .as_deref()
+                            .map(|d| format!(" state {}", &d[..d.len().min(16)]))
+                            .unwrap_or_default(),
                     );
                 }
             }

@@ -43,6 +43,7 @@ fn start(lab: Lab) -> Cluster {
         prefix_len: 16,
         ports: vec![KV_PORT],
         preferred_node: "node1".into(),
+        replicated: false,
     };
     Cluster::start(lab, Path::new(BIN), &[kv]).unwrap()
 }

@@ -39,6 +39,7 @@ fn cluster(prefix: &str, nodes: u32) -> Cluster {
         prefix_len: 16,
         ports: vec![KV_PORT],
         preferred_node: "node1".into(),
+        replicated: false,
     };
     Cluster::start(lab, std::path::Path::new(BIN), &[spec]).unwrap()
 }

@@ -31,6 +31,7 @@ fn service(name: &str, kind: &str, port: u16) -> ServiceSpec {
         prefix_len: 16,
         ports: vec![port],
         preferred_node: "node1".into(),
+        replicated: false,
     }
 }
 
@@ -371,7 +372,7 @@ fn settled(views: &[serde_json::Value]) -> Option<String> {
     }
     let leader = views[0]["leader"].as_str()?.to_owned();
     let commit = views[0]["commit_index"].as_u64()?;
-    let leaders = views.iter().filter(|v| v["role"] == "leader").count();
+    let leaders = views.iter().filter(|v| v["raft_role"] == "leader").count();
     let voters = |v: &serde_json::Value| {
         let mut names: Vec<String> = v["voters"]
             .as_array()
@@ -458,7 +459,7 @@ fn every_node_keeps_the_log_and_a_killed_node_rejoins_under_a_new_id() {
         .unwrap();
     loop {
         let views = log_views(&c, via, "echo");
-        let new_leader = views.iter().find(|v| v["role"] == "leader");
+        let new_leader = views.iter().find(|v| v["raft_role"] == "leader");
         if let Some(v) = new_leader {
             assert_ne!(v["node"], leader.as_str());
             break;

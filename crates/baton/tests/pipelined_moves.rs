@@ -192,12 +192,16 @@ fn pipelined_clients_survive_moves(prefix: &str, v6: bool, vrid: Option<u8>) {
         prefix_len,
         ports: vec![KV_PORT],
         preferred_node: "node1".into(),
+        replicated: false,
     };
     let c = Cluster::start_with(
         lab,
         std::path::Path::new(BIN),
         &[service],
-        NodeOptions { vrid },
+        NodeOptions {
+            vrid,
+            ..NodeOptions::default()
+        },
     )
     .unwrap();
     let before = c.lab.tcp_counters("client1").unwrap();

@@ -11,7 +11,7 @@ use super::output::{DigestAt, OutputStream};
 use super::{AbortReason, Action, ReplicaError};
 use crate::log::{Applier, Event as ServiceEvent, LogEntry};
 use crate::packet::{self, ConnKey, Segment, TcpFlags, TcpOptions};
-use crate::service::{CloseReason, ConnId, Output, Service};
+use crate::service::{CloseReason, ConnId, Output, RestoreError, Service};
 use crate::tcp::reassembly::{ClientSyn, Event as StreamEvent, Reassembler, ServerParams};
 use crate::wire;
 
@@ -45,6 +45,9 @@ pub struct ReplicaCounters {
     /// Segment entries whose packet does not parse (no honest primary
     /// proposes one).
     pub malformed_segments: u64,
+    /// Committed data that is no replica entry (another version's, or
+    /// damaged).
+    pub undecodable_entries: u64,
     /// Segments and ACK states for a connection nobody opened.
     pub unknown_conn: u64,
     /// SYNs not kept because too many connections were pending.
@@ -217,6 +220,11 @@ impl<S: Service> Replica<S> {
         self.state.applier.next_timer_at()
     }
 
+    /// Connections ever established, closed ones included.
+    pub fn connections_opened(&self) -> u64 {
+        self.state.next_conn_id
+    }
+
     /// The open connections, by key.
     pub fn connections(&self) -> impl Iterator<Item = (&ConnKey, &ReplicaConn)> + '_ {
         self.state.conns.iter()
@@ -264,13 +272,19 @@ impl<S: Service> Replica<S> {
     /// Rebuilds a replica from [`Replica::checkpoint`] output. The
     /// checkpoint comes from an authenticated peer; a malformed one is
     /// refused.
-    pub fn restore(bytes: &[u8]) -> Result<Replica<S>, ReplicaError>
-    where
-        S: Sized,
-    {
+    pub fn restore(bytes: &[u8]) -> Result<Replica<S>, ReplicaError> {
+        Self::restore_with(bytes, S::restore)
+    }
+
+    /// [`Replica::restore`] with the service rebuilt by `restore_service`
+    /// (a runtime that knows its services by kind, not by type).
+    pub fn restore_with(
+        bytes: &[u8],
+        restore_service: impl FnOnce(&[u8]) -> Result<S, RestoreError>,
+    ) -> Result<Replica<S>, ReplicaError> {
         let (state, service): (State, Vec<u8>) =
             wire::decode(SNAPSHOT_MAGIC, SNAPSHOT_VERSION, bytes)?;
-        let service = S::restore(&service)?;
+        let service = restore_service(&service)?;
         Ok(Replica {
             service,
             state,
@@ -279,17 +293,19 @@ impl<S: Service> Replica<S> {
         })
     }
 
-    /// Applies the committed entry at `index`, which must follow the last
-    /// one applied. An entry that makes no sense here (a segment that does
-    /// not parse, a connection nobody opened) is counted and skipped, the
-    /// same way on every replica.
+    /// Applies the committed entry at `index`, which must come after the
+    /// last one applied (the log's own entries, a new leader's empty one or
+    /// a membership change, leave gaps: see [`Replica::handle_skipped`]).
+    /// An entry that makes no sense here (a segment that does not parse, a
+    /// connection nobody opened) is counted and skipped, the same way on
+    /// every replica.
     pub fn handle_committed(
         &mut self,
         index: u64,
         entry: &ReplicaEntry,
     ) -> Result<(), ReplicaError> {
         let expected = self.state.applied_index + 1;
-        if index != expected {
+        if index < expected {
             return Err(ReplicaError::OutOfOrder {
                 expected,
                 got: index,
@@ -308,6 +324,24 @@ impl<S: Service> Replica<S> {
             ReplicaEntry::AckState(a) => self.on_ack_state(a),
             ReplicaEntry::Checkpoint => self.actions.push_back(Action::CheckpointDue { index }),
             ReplicaEntry::OutputDigest(d) => self.on_digest(d),
+        }
+        Ok(())
+    }
+
+    /// The committed entry at `index` carries nothing for the replica (the
+    /// log's own entries, or data that is no replica entry: counted): it
+    /// still counts as applied, so every replica reports the same index.
+    pub fn handle_skipped(&mut self, index: u64, undecodable: bool) -> Result<(), ReplicaError> {
+        let expected = self.state.applied_index + 1;
+        if index < expected {
+            return Err(ReplicaError::OutOfOrder {
+                expected,
+                got: index,
+            });
+        }
+        self.state.applied_index = index;
+        if undecodable {
+            self.state.counters.undecodable_entries += 1;
         }
         Ok(())
     }

@@ -48,6 +48,9 @@ pub struct CaptureCounters {
     pub accepted_after_commit: u64,
     /// Packets dropped because their proposal failed (lost leadership).
     pub dropped_unproposed: u64,
+    /// Packets dropped unread: this node does not serve (it is no
+    /// primary), or the queue cut them short.
+    pub refused: u64,
 }
 
 /// The capture state machine of a primary: packets in
@@ -137,6 +140,13 @@ impl Capture {
                 verify_checksum: checksum == TcpChecksum::Verify,
             }),
         });
+    }
+
+    /// A packet this node must not answer (it is no primary, or the queue
+    /// cut it short): dropped, fail-closed.
+    pub fn handle_refused(&mut self, id: PacketId) {
+        self.counters.refused += 1;
+        self.verdicts.push_back((id, Verdict::Drop));
     }
 
     /// The entries to propose now, in order: pending ACK states first (they

@@ -67,7 +67,7 @@ pub struct Established {
     pub conn: ConnKey,
     /// Our initial sequence number.
     pub isn: u32,
-    /// The MSS we announced.
+    /// The client's MSS (what a socket rebuilt for it needs).
     pub mss: u16,
     /// The window scale we offered, if any.
     pub wscale: Option<u8>,

@@ -721,10 +721,10 @@ fn entries_out_of_order_are_refused_and_change_nothing() {
     });
     let before = r.state_digest();
     assert_eq!(
-        r.handle_committed(2, &tick),
+        r.handle_committed(0, &tick),
         Err(ReplicaError::OutOfOrder {
             expected: 1,
-            got: 2
+            got: 0
         })
     );
     assert_eq!(r.state_digest(), before);
@@ -732,6 +732,14 @@ fn entries_out_of_order_are_refused_and_change_nothing() {
     assert!(r.handle_committed(1, &tick).is_err());
     assert_eq!(r.applied_index(), 1);
     assert_ne!(r.state_digest(), before);
+    // The log's own entries leave gaps; they count as applied.
+    r.handle_skipped(2, false).unwrap();
+    r.handle_committed(4, &tick).unwrap();
+    assert_eq!(r.applied_index(), 4);
+    assert!(r.handle_skipped(3, false).is_err());
+    r.handle_skipped(5, true).unwrap();
+    assert_eq!(r.counters().undecodable_entries, 1);
+    assert_eq!(r.applied_index(), 5);
 }
 
 #[test]

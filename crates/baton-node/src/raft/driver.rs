@@ -63,6 +63,11 @@ pub(crate) enum Command {
         data: Vec<u8>,
         reply: oneshot::Sender<Result<Proposed, ProposeError>>,
     },
+    /// Entries in order, answered together.
+    ProposeAll {
+        entries: Vec<Vec<u8>>,
+        reply: oneshot::Sender<Vec<Result<Proposed, ProposeError>>>,
+    },
     Change {
         change: Change,
         reply: oneshot::Sender<Result<Membership, ChangeError>>,
@@ -356,6 +361,17 @@ impl Driver {
             Command::Propose { data, reply } => {
                 self.batch += 1;
                 let _ = reply.send(self.propose(data));
+            }
+            Command::ProposeAll { entries, reply } => {
+                self.batch += entries.len() as u64;
+                let results = entries
+                    .into_iter()
+                    .map(|e| {
+                        super::check_entry(&self.shared.cfg, &e)?;
+                        self.propose(e)
+                    })
+                    .collect();
+                let _ = reply.send(results);
             }
             Command::Change { change, reply } => match self.propose_change(change) {
                 Ok((index, term)) => {

@@ -312,6 +312,20 @@ pub enum CompactError {
     Stopped,
 }
 
+/// Refuses an entry no log takes: empty, or larger than the limit.
+fn check_entry(cfg: &GroupConfig, data: &[u8]) -> Result<(), ProposeError> {
+    if data.is_empty() {
+        return Err(ProposeError::Empty);
+    }
+    if data.len() > cfg.max_entry_bytes {
+        return Err(ProposeError::TooLarge {
+            size: data.len(),
+            limit: cfg.max_entry_bytes,
+        });
+    }
+    Ok(())
+}
+
 /// A proposal appended to the leader's log: it is the entry committed at
 /// `index` only if that entry's term is `term` (a new leader may replace
 /// uncommitted entries).
@@ -671,18 +685,25 @@ impl RaftGroup {
     /// on the leader; the entry reaches every node, this one included, as
     /// [`Event::Committed`] once a majority holds it.
     pub async fn propose(&self, data: Vec<u8>) -> Result<Proposed, ProposeError> {
-        if data.is_empty() {
-            return Err(ProposeError::Empty);
-        }
-        if data.len() > self.shared.cfg.max_entry_bytes {
-            return Err(ProposeError::TooLarge {
-                size: data.len(),
-                limit: self.shared.cfg.max_entry_bytes,
-            });
-        }
+        check_entry(&self.shared.cfg, &data)?;
         self.ask(|reply| Command::Propose { data, reply })
             .await
             .unwrap_or(Err(ProposeError::Stopped))
+    }
+
+    /// Appends `entries` in order without waiting (the capture path, which
+    /// must not stall on the log): the answers, one per entry and in order,
+    /// arrive on the returned channel. An entry the leader refuses (empty,
+    /// too large, not leader) fails alone.
+    pub fn submit(
+        &self,
+        entries: Vec<Vec<u8>>,
+    ) -> oneshot::Receiver<Vec<Result<Proposed, ProposeError>>> {
+        let (reply, rx) = oneshot::channel();
+        let _ = self
+            .inputs
+            .send(Input::Command(Command::ProposeAll { entries, reply }));
+        rx
     }
 
     /// Adds `id` (a node started with [`RaftGroup::join`]) as a learner:

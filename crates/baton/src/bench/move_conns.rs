@@ -122,6 +122,7 @@ fn move_conns(
             prefix_len,
             ports: vec![SERVICE_PORT],
             preferred_node: "node1".into(),
+            replicated: false,
         }],
     )?;
     let serving = Instant::now();

@@ -238,6 +238,7 @@ impl<'a> Deployment<'a> {
                 prefix_len: 16,
                 ports: vec![KV_PORT],
                 preferred_node: "node1".into(),
+                replicated: false,
             }],
         )?;
         let d = Deployment::Baton {

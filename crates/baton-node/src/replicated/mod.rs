@@ -1,0 +1,756 @@
+//! A replicated service on this node: capture, log, apply.
+//!
+//! Every node of the service runs this loop, with the service's raft group
+//! ([`crate::service_log`]). The decisions are baton-core's sans-IO
+//! machines ([`baton_core::replica`]); the loop performs them:
+//! - **capture** (primary only): the VIP's client segments reach an
+//!   NFQUEUE queue before TCP ([`baton_net::hold::CaptureRules`], on every
+//!   node, fail-closed). [`Capture`] drops malformed ones, lets pure ACKs
+//!   pass at once (their state is logged, coalesced), and proposes the rest;
+//!   a segment reaches the kernel only once its entry is committed, so
+//!   nothing the client sent is acknowledged before a majority holds it;
+//! - **log**: the primary proposes entries in batches
+//!   ([`RaftGroup::submit`]): segments, each accepted connection's
+//!   handshake ([`baton_net::repair::handshake`]), ticks (the service's
+//!   time and entropy), checkpoint markers and output digests;
+//! - **apply** (every node, primary included): committed entries, in log
+//!   order, go to the [`Replica`], which drives the service. Its actions
+//!   are socket work on the primary ([`conn`]); a clone keeps the state;
+//! - **role**: the raft leader is the primary. It holds the VIP; losing
+//!   leadership drops the VIP and closes its sockets without a word.
+//!
+//! Not yet here (failover): a new primary serves new connections with the
+//! replicated state, but does not rebuild the connections of the one that
+//! died.
+
+mod conn;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use baton_core::packet::{ConnKey, TcpChecksum};
+use baton_core::relocation::Vip;
+use baton_core::replica::{
+    Action, Capture, Established, PacketId, Proposal, Replica, ReplicaEntry, Tick, Verdict,
+};
+use baton_core::service::{CloseReason, ConnId, Context, RestoreError, Service, TimerId};
+use baton_net::hold::CaptureRules;
+use baton_net::nfqueue::{self, NfQueue, QueueConfig};
+use baton_net::vip::{Announce, VipSpec};
+use serde::{Deserialize, Serialize};
+use tokio::io::unix::AsyncFd;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::raft::{Event, ProposeError, Proposed, RaftGroup, Role};
+use crate::runtime::{accept_any, ServiceKind};
+use conn::{FromConn, ToConn};
+
+/// How often the primary logs a tick when nothing else asks for one.
+const TICK_EVERY: Duration = Duration::from_secs(1);
+/// Longest a pure ACK's state waits before it is logged on its own.
+const ACK_FLUSH: Duration = Duration::from_millis(20);
+/// A checkpoint marker at least this often (claim 11's default).
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
+/// ... and after this many bytes of entries.
+pub const CHECKPOINT_BYTES: u64 = 64 << 20;
+/// Packets read from the queue before they are proposed together.
+const CAPTURE_BATCH: usize = 256;
+
+/// A service's role on this node, as `ctl status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceRole {
+    /// Leads the log, holds the VIP, serves the clients.
+    Primary,
+    /// Applies the log; current, ready to take over.
+    Clone,
+    /// Not current yet: a learner still receiving the log, or a replica
+    /// the divergence guard caught, waiting for a checkpoint.
+    CatchingUp,
+}
+
+/// A replicated service as this node runs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    pub role: ServiceRole,
+    pub applied_index: u64,
+    /// Hex SHA-256 of the state built from entries up to `applied_index`:
+    /// equal on every node at equal index.
+    pub state_digest: String,
+    pub connections: usize,
+    /// Segments dropped as malformed by the capture path.
+    pub malformed_dropped: u64,
+    /// Packets whose verdict waits for their entry's commit.
+    pub waiting_commit: usize,
+    /// Bytes the kernel handed up that differ from the replica's.
+    pub stream_mismatches: u64,
+}
+
+/// Why a replicated service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicatedError {
+    #[error("service {service}: capture rules: {source}")]
+    Capture {
+        service: String,
+        #[source]
+        source: baton_net::hold::HoldError,
+    },
+    #[error("service {service}: capture queue: {source}")]
+    Queue {
+        service: String,
+        #[source]
+        source: nfqueue::NfqError,
+    },
+}
+
+/// What the service loop is started with.
+pub struct ReplicatedConfig {
+    pub name: String,
+    pub kind: Arc<dyn ServiceKind>,
+    pub vip: Vip,
+    pub spec: VipSpec,
+    pub announce: Announce,
+    /// This node's name, and the node that should lead when the service
+    /// starts (a preference: it leads if it is up).
+    pub node: String,
+    pub preferred_node: String,
+    /// NFQUEUE queue number of the capture.
+    pub queue_num: u16,
+}
+
+enum Command {
+    Status(oneshot::Sender<ReplicaStatus>),
+}
+
+/// Handle to a replicated service's loop on this node.
+pub struct ReplicatedService {
+    commands: mpsc::UnboundedSender<Command>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ReplicatedService {
+    /// Installs the capture and starts the loop, fed by the group's
+    /// `events`.
+    pub fn start(
+        cfg: ReplicatedConfig,
+        listeners: Vec<Arc<TcpListener>>,
+        group: Arc<RaftGroup>,
+        events: mpsc::UnboundedReceiver<Event>,
+    ) -> Result<ReplicatedService, ReplicatedError> {
+        let ports: &[u16] = &cfg.vip.ports;
+        let rules =
+            CaptureRules::install(cfg.vip.addr, ports, cfg.queue_num).map_err(|source| {
+                ReplicatedError::Capture {
+                    service: cfg.name.clone(),
+                    source,
+                }
+            })?;
+        let queue_err = |source| ReplicatedError::Queue {
+            service: cfg.name.clone(),
+            source,
+        };
+        let queue = NfQueue::open_with(cfg.queue_num, &QueueConfig::default())
+            .and_then(NfQueue::into_async)
+            .map_err(queue_err)?;
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let replica = Replica::new(Hosted(cfg.kind.create()));
+        let (conn_tx, conn_rx) = mpsc::unbounded_channel();
+        let (answer_tx, answer_rx) = mpsc::unbounded_channel();
+        let lp = Loop {
+            cfg,
+            group,
+            replica,
+            capture: Capture::new(),
+            leader: false,
+            primary: false,
+            accepted: HashMap::new(),
+            conns: HashMap::new(),
+            conn_tx,
+            answer_tx,
+            entropy: seed(),
+            last_tick_ms: 0,
+            since_checkpoint: 0,
+            last_checkpoint: tokio::time::Instant::now(),
+            digests_sent: HashMap::new(),
+            stream_mismatches: 0,
+            _rules: rules,
+        };
+        let task = tokio::spawn(lp.run(listeners, queue, events, command_rx, conn_rx, answer_rx));
+        Ok(ReplicatedService { commands, task })
+    }
+
+    /// The service as this node runs it, or None once the loop ended.
+    pub async fn status(&self) -> Option<ReplicaStatus> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(Command::Status(tx)).ok()?;
+        rx.await.ok()
+    }
+}
+
+impl Drop for ReplicatedService {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A service of any kind, for the replica: checkpoints are restored
+/// through the kind ([`Replica::restore_with`]), never through the type.
+struct Hosted(Box<dyn Service>);
+
+impl Service for Hosted {
+    fn on_open(&mut self, ctx: &mut Context, conn: ConnId, peer: SocketAddr) {
+        self.0.on_open(ctx, conn, peer)
+    }
+    fn on_data(&mut self, ctx: &mut Context, conn: ConnId, data: &[u8]) {
+        self.0.on_data(ctx, conn, data)
+    }
+    fn on_close(&mut self, ctx: &mut Context, conn: ConnId, reason: CloseReason) {
+        self.0.on_close(ctx, conn, reason)
+    }
+    fn on_timer(&mut self, ctx: &mut Context, timer: TimerId) {
+        self.0.on_timer(ctx, timer)
+    }
+    fn checkpoint(&self) -> Vec<u8> {
+        self.0.checkpoint()
+    }
+    fn restore(_: &[u8]) -> Result<Self, RestoreError> {
+        Err(RestoreError::new(
+            "a hosted service is restored through its kind",
+        ))
+    }
+}
+
+/// Entropy for the ticks: the leader's, logged, so every replica draws
+/// the same.
+fn seed() -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        return now_ms() ^ u64::from(std::process::id()).rotate_left(32);
+    }
+    u64::from_le_bytes(b)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Addresses as packets carry them: no v4-mapped IPv6, no flow label or
+/// scope.
+fn plain(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// Answers of the log to one batch of proposals.
+struct Answers {
+    packet_ids: Vec<Vec<PacketId>>,
+    results: Vec<Result<Proposed, ProposeError>>,
+}
+
+struct Loop {
+    cfg: ReplicatedConfig,
+    group: Arc<RaftGroup>,
+    replica: Replica<Hosted>,
+    capture: Capture,
+    /// raft says this node leads.
+    leader: bool,
+    /// This node leads and holds the VIP.
+    primary: bool,
+    /// Accepted sockets whose established entry is not applied yet.
+    accepted: HashMap<ConnKey, TcpStream>,
+    /// Open connections' socket tasks (primary only).
+    conns: HashMap<ConnKey, mpsc::UnboundedSender<ToConn>>,
+    conn_tx: mpsc::UnboundedSender<FromConn>,
+    answer_tx: mpsc::UnboundedSender<Answers>,
+    entropy: u64,
+    last_tick_ms: u64,
+    since_checkpoint: u64,
+    last_checkpoint: tokio::time::Instant,
+    /// Output offset of the last digest proposed per connection.
+    digests_sent: HashMap<ConnKey, u64>,
+    stream_mismatches: u64,
+    _rules: CaptureRules,
+}
+
+impl Loop {
+    async fn run(
+        mut self,
+        listeners: Vec<Arc<TcpListener>>,
+        mut queue: AsyncFd<NfQueue>,
+        mut events: mpsc::UnboundedReceiver<Event>,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+        mut from_conns: mpsc::UnboundedReceiver<FromConn>,
+        mut answers: mpsc::UnboundedReceiver<Answers>,
+    ) {
+        let mut packets = Vec::new();
+        let mut tick = tokio::time::interval(TICK_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ack_flush = tokio::time::interval(ACK_FLUSH);
+        ack_flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let serving = self.primary;
+            let timer_at = self.replica.next_timer_at();
+            let timer = async {
+                match timer_at {
+                    Some(at) if serving => {
+                        tokio::time::sleep(Duration::from_millis(at.saturating_sub(now_ms()))).await
+                    }
+                    _ => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                event = events.recv() => match event {
+                    Some(event) => {
+                        if !self.on_event(event, queue.get_mut()).await {
+                            return;
+                        }
+                    }
+                    None => return,
+                },
+                Some(a) = answers.recv() => {
+                    self.on_answers(a);
+                    self.flush_verdicts(queue.get_mut());
+                }
+                ready = queue.readable_mut() => {
+                    let Ok(mut guard) = ready else { return };
+                    loop {
+                        match guard.get_inner_mut().recv_batch(&mut packets) {
+                            Ok(0) => {
+                                guard.clear_ready();
+                                break;
+                            }
+                            Ok(_) if packets.len() >= CAPTURE_BATCH => break,
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!(service = %self.cfg.name, error = %e, "reading the capture queue");
+                                guard.clear_ready();
+                                break;
+                            }
+                        }
+                    }
+                    self.on_packets(&mut packets);
+                    self.propose(false);
+                    self.flush_verdicts(queue.get_mut());
+                }
+                accepted = accept_any(&listeners), if serving => match accepted {
+                    Ok((stream, _)) => self.on_accepted(stream),
+                    Err(e) => tracing::warn!(service = %self.cfg.name, error = %e, "accept failed"),
+                },
+                Some(msg) = from_conns.recv() => self.on_conn(msg),
+                command = commands.recv() => match command {
+                    Some(Command::Status(reply)) => {
+                        let learner = match self.group.status().await {
+                            Some(s) => s.membership.learners.contains_key(&s.id),
+                            None => true,
+                        };
+                        let _ = reply.send(self.status(learner));
+                    }
+                    None => return,
+                },
+                () = timer => self.propose_tick(true),
+                _ = tick.tick(), if serving => {
+                    self.propose_tick(true);
+                    self.propose_digests();
+                    if self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY && self.since_checkpoint > 0 {
+                        self.propose_checkpoint();
+                    }
+                }
+                _ = ack_flush.tick(), if serving => self.propose(true),
+            }
+        }
+    }
+
+    /// One event of the group, in log order. False once the group stopped.
+    async fn on_event(&mut self, event: Event, queue: &mut NfQueue) -> bool {
+        match event {
+            Event::Committed(c) => {
+                let result = match ReplicaEntry::decode(&c.data) {
+                    Ok(entry) => self.replica.handle_committed(c.index, &entry),
+                    Err(e) => {
+                        tracing::error!(service = %self.cfg.name, index = c.index, error = %e, "a committed entry is no replica entry; skipped");
+                        self.replica.handle_skipped(c.index, true)
+                    }
+                };
+                if let Err(e) = result {
+                    tracing::error!(service = %self.cfg.name, error = %e, "applying the log");
+                }
+                self.perform().await;
+                self.capture.handle_commit(c.index);
+                self.flush_verdicts(queue);
+            }
+            Event::Membership { index, .. } => {
+                let _ = self.replica.handle_skipped(index, false);
+                self.capture.handle_commit(index);
+                self.flush_verdicts(queue);
+            }
+            Event::Snapshot { index, data, .. } => self.on_snapshot(index, &data),
+            Event::Leader(l) => {
+                if l.is_me && !self.leader {
+                    self.leader = true;
+                    self.on_elected().await;
+                } else if !l.is_me && self.leader {
+                    self.leader = false;
+                    self.on_deposed(queue).await;
+                }
+            }
+            Event::SnapshotWanted { .. } => {
+                let index = self.replica.applied_index();
+                if let Err(e) = self.group.compact(index, self.replica.checkpoint()).await {
+                    tracing::debug!(service = %self.cfg.name, error = %e, "compacting for a new member");
+                }
+            }
+            Event::Stopped(e) => {
+                tracing::error!(service = %self.cfg.name, error = %e, "the service's log stopped");
+                self.on_deposed(queue).await;
+                return false;
+            }
+        }
+        true
+    }
+
+    fn on_snapshot(&mut self, index: u64, data: &[u8]) {
+        if data.is_empty() {
+            // A founding snapshot (nothing applied yet anywhere).
+            let mut fresh = Replica::new(Hosted(self.cfg.kind.create()));
+            let _ = fresh.handle_skipped(index, false);
+            self.replica = fresh;
+            return;
+        }
+        let kind = self.cfg.kind.clone();
+        match Replica::restore_with(data, |b| kind.restore(b).map(Hosted)) {
+            Ok(r) => {
+                tracing::info!(service = %self.cfg.name, index, "caught up from a checkpoint");
+                self.replica = r;
+                // Sockets cannot follow a checkpoint: this node is no
+                // primary while it catches up.
+                self.accepted.clear();
+            }
+            Err(e) => {
+                tracing::error!(service = %self.cfg.name, index, error = %e, "a checkpoint from the leader does not restore");
+            }
+        }
+    }
+
+    /// Becomes primary: hands the lead to the preferred node at a start
+    /// with nothing served yet, else takes the VIP.
+    async fn on_elected(&mut self) {
+        if self.cfg.preferred_node != self.cfg.node && self.replica.connections_opened() == 0 {
+            if let Some(s) = self.group.status().await {
+                let preferred = s
+                    .membership
+                    .voters
+                    .iter()
+                    .find(|(_, m)| m.name == self.cfg.preferred_node)
+                    .map(|(id, _)| *id);
+                if let Some(id) = preferred {
+                    match self.group.transfer_leader(id).await {
+                        Ok(()) => {
+                            tracing::info!(service = %self.cfg.name, to = %self.cfg.preferred_node, "handed the lead to the preferred node");
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::debug!(service = %self.cfg.name, error = %e, "the preferred node did not take the lead")
+                        }
+                    }
+                }
+            }
+            // A transfer that failed or raced: lead only if still leader.
+            match self.group.status().await {
+                Some(s) if s.role == Role::Leader => {}
+                _ => {
+                    self.leader = false;
+                    return;
+                }
+            }
+        }
+        if let Err(e) = baton_net::vip::take(&self.cfg.spec, self.cfg.announce).await {
+            tracing::error!(service = %self.cfg.name, error = %e, "taking the VIP as primary");
+            return;
+        }
+        tracing::info!(service = %self.cfg.name, vip = %self.cfg.vip.addr, "primary");
+        self.capture = Capture::new();
+        self.capture.handle_commit(self.replica.applied_index());
+        self.primary = true;
+        self.last_checkpoint = tokio::time::Instant::now();
+    }
+
+    /// No longer leads: stops answering for the VIP at once.
+    async fn on_deposed(&mut self, queue: &mut NfQueue) {
+        self.capture.handle_lost_leadership();
+        self.flush_verdicts(queue);
+        if !std::mem::replace(&mut self.primary, false) {
+            return;
+        }
+        for (_, tx) in self.conns.drain() {
+            let _ = tx.send(ToConn::Vanish);
+        }
+        for (_, stream) in self.accepted.drain() {
+            conn::vanish(stream);
+        }
+        if let Err(e) = baton_net::vip::release(&self.cfg.spec).await {
+            tracing::warn!(service = %self.cfg.name, error = %e, "releasing the VIP");
+        }
+        tracing::info!(service = %self.cfg.name, "no longer primary");
+    }
+
+    fn on_packets(&mut self, packets: &mut Vec<nfqueue::Packet>) {
+        let serving = self.primary;
+        for p in packets.drain(..) {
+            if !serving || p.truncated() {
+                // Not ours to answer (or cut short): fail closed.
+                self.capture.handle_refused(p.id);
+                continue;
+            }
+            let checksum = TcpChecksum::from_skb_info(p.skb_info.0);
+            self.capture.handle_captured(p.id, &p.payload, checksum);
+        }
+    }
+
+    fn flush_verdicts(&mut self, queue: &mut NfQueue) {
+        let verdicts: Vec<(u32, nfqueue::Verdict)> = self
+            .capture
+            .poll_verdicts()
+            .into_iter()
+            .map(|(id, v)| {
+                (
+                    id,
+                    match v {
+                        Verdict::Accept => nfqueue::Verdict::Accept,
+                        Verdict::Drop => nfqueue::Verdict::Drop,
+                    },
+                )
+            })
+            .collect();
+        if let Err(e) = queue.verdicts(&verdicts) {
+            tracing::warn!(service = %self.cfg.name, error = %e, "sending verdicts");
+        }
+    }
+
+    /// Proposes what the capture path has, behind a tick if time moved.
+    fn propose(&mut self, flush_acks: bool) {
+        if !self.primary {
+            return;
+        }
+        let proposals = self.capture.poll_proposals(flush_acks);
+        if proposals.is_empty() {
+            return;
+        }
+        self.propose_tick(false);
+        self.submit(proposals);
+    }
+
+    /// A tick, if the clock moved since the last (or `always`).
+    fn propose_tick(&mut self, always: bool) {
+        if !self.primary {
+            return;
+        }
+        let now = now_ms();
+        if !always && now <= self.last_tick_ms {
+            return;
+        }
+        self.last_tick_ms = now;
+        self.entropy = self
+            .entropy
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.submit(vec![Proposal {
+            packet_ids: Vec::new(),
+            entry: ReplicaEntry::Tick(Tick {
+                time_ms: now,
+                entropy: self.entropy,
+            }),
+        }]);
+    }
+
+    fn propose_checkpoint(&mut self) {
+        self.last_checkpoint = tokio::time::Instant::now();
+        self.since_checkpoint = 0;
+        self.submit(vec![Proposal {
+            packet_ids: Vec::new(),
+            entry: ReplicaEntry::Checkpoint,
+        }]);
+    }
+
+    /// The divergence guard: the primary's output digest of each
+    /// connection that wrote since the last one.
+    fn propose_digests(&mut self) {
+        let mut out = Vec::new();
+        for key in self.conns.keys() {
+            let Some(d) = self.replica.output_digest(key) else {
+                continue;
+            };
+            let last = self.digests_sent.entry(*key).or_insert(0);
+            if d.offset > *last {
+                *last = d.offset;
+                out.push(Proposal {
+                    packet_ids: Vec::new(),
+                    entry: ReplicaEntry::OutputDigest(d),
+                });
+            }
+        }
+        self.digests_sent.retain(|k, _| self.conns.contains_key(k));
+        if !out.is_empty() {
+            self.submit(out);
+        }
+    }
+
+    fn submit(&mut self, proposals: Vec<Proposal>) {
+        let mut packet_ids = Vec::with_capacity(proposals.len());
+        let mut entries = Vec::with_capacity(proposals.len());
+        for p in proposals {
+            let bytes = p.entry.encode();
+            self.since_checkpoint += bytes.len() as u64;
+            entries.push(bytes);
+            packet_ids.push(p.packet_ids);
+        }
+        let rx = self.group.submit(entries);
+        let tx = self.answer_tx.clone();
+        tokio::spawn(async move {
+            let results = rx.await.unwrap_or_default();
+            let _ = tx.send(Answers {
+                packet_ids,
+                results,
+            });
+        });
+        if self.since_checkpoint >= CHECKPOINT_BYTES {
+            self.propose_checkpoint();
+        }
+    }
+
+    fn on_answers(&mut self, a: Answers) {
+        let mut results = a.results.into_iter();
+        for ids in a.packet_ids {
+            match results.next() {
+                Some(Ok(p)) => self.capture.handle_proposed(&ids, p.index),
+                Some(Err(e)) => {
+                    tracing::debug!(service = %self.cfg.name, error = %e, "a proposal failed");
+                    self.capture.handle_proposal_failed(&ids);
+                }
+                None => self.capture.handle_proposal_failed(&ids),
+            }
+        }
+    }
+
+    /// A connection the kernel completed: its handshake goes to the log,
+    /// and the socket waits for the entry's commit.
+    fn on_accepted(&mut self, stream: TcpStream) {
+        let _ = stream.set_nodelay(true);
+        let (Ok(local), Ok(peer)) = (stream.local_addr(), stream.peer_addr()) else {
+            return;
+        };
+        let conn = ConnKey {
+            client: plain(peer),
+            server: plain(local),
+        };
+        let hs = match baton_net::repair::handshake(stream.as_fd()) {
+            Ok(hs) => hs,
+            Err(e) => {
+                tracing::warn!(service = %self.cfg.name, client = %conn.client, error = %e, "reading an accepted connection's handshake; resetting it");
+                let _ = baton_net::listen::reset_on_close(stream.as_fd());
+                return;
+            }
+        };
+        self.accepted.insert(conn, stream);
+        self.submit(vec![Proposal {
+            packet_ids: Vec::new(),
+            entry: ReplicaEntry::Established(Established {
+                conn,
+                isn: hs.isn,
+                mss: hs.mss,
+                wscale: hs.wscale,
+                sack: hs.sack,
+                timestamps: hs.timestamps,
+                ts_clock: hs.ts_clock,
+            }),
+        }]);
+    }
+
+    fn on_conn(&mut self, msg: FromConn) {
+        match msg {
+            FromConn::Failed { conn, error } => {
+                tracing::debug!(service = %self.cfg.name, client = %conn.client, error, "connection ended by the kernel");
+                self.conns.remove(&conn);
+                if self.primary && self.replica.connection(&conn).is_some() {
+                    self.submit(vec![Proposal {
+                        packet_ids: Vec::new(),
+                        entry: ReplicaEntry::Aborted { conn },
+                    }]);
+                }
+            }
+            FromConn::Mismatch { conn, offset } => {
+                self.stream_mismatches += 1;
+                tracing::error!(service = %self.cfg.name, client = %conn.client, offset, "the kernel's stream differs from the replica's");
+            }
+        }
+    }
+
+    /// Performs the replica's actions: socket work on the primary, the
+    /// checkpoints everywhere.
+    async fn perform(&mut self) {
+        while let Some(action) = self.replica.poll_action() {
+            let to = |conns: &HashMap<ConnKey, mpsc::UnboundedSender<ToConn>>,
+                      conn: &ConnKey,
+                      msg: ToConn| {
+                if let Some(tx) = conns.get(conn) {
+                    let _ = tx.send(msg);
+                }
+            };
+            match action {
+                Action::Opened { conn, .. } => {
+                    if let Some(stream) = self.accepted.remove(&conn) {
+                        let (tx, rx) = mpsc::unbounded_channel();
+                        self.conns.insert(conn, tx);
+                        tokio::spawn(conn::run(conn, stream, rx, self.conn_tx.clone()));
+                    }
+                }
+                Action::Consumed { conn, bytes } => to(&self.conns, &conn, ToConn::Consumed(bytes)),
+                Action::Write { conn, bytes } => to(&self.conns, &conn, ToConn::Write(bytes)),
+                Action::Close { conn } => to(&self.conns, &conn, ToConn::Close),
+                Action::ShutdownWrite { conn } => to(&self.conns, &conn, ToConn::ShutdownWrite),
+                Action::Abort { conn, reason } => {
+                    tracing::info!(service = %self.cfg.name, client = %conn.client, ?reason, "aborting a connection");
+                    to(&self.conns, &conn, ToConn::Abort);
+                }
+                Action::Forget { conn } => {
+                    self.conns.remove(&conn);
+                    self.accepted.remove(&conn);
+                }
+                Action::SetTimer { .. } | Action::CancelTimer { .. } => {}
+                Action::CheckpointDue { index } => {
+                    if let Err(e) = self.group.compact(index, self.replica.checkpoint()).await {
+                        tracing::debug!(service = %self.cfg.name, index, error = %e, "checkpoint not taken");
+                    }
+                }
+                Action::DigestMismatch { conn, offset } => {
+                    tracing::error!(service = %self.cfg.name, client = %conn.client, offset, "this replica's output differs from the primary's: it is no longer current");
+                }
+            }
+        }
+    }
+
+    fn status(&self, learner: bool) -> ReplicaStatus {
+        let role = if self.primary {
+            ServiceRole::Primary
+        } else if learner || !self.replica.is_current() {
+            ServiceRole::CatchingUp
+        } else {
+            ServiceRole::Clone
+        };
+        ReplicaStatus {
+            role,
+            applied_index: self.replica.applied_index(),
+            state_digest: baton_core::replica::digest::hex(&self.replica.state_digest()),
+            connections: self.conns.len(),
+            malformed_dropped: self.capture.counters().malformed,
+            waiting_commit: self.capture.waiting(),
+            stream_mismatches: self.stream_mismatches,
+        }
+    }
+}

@@ -1,0 +1,408 @@
+//! Replicated services for real: three `baton node` processes in a lab,
+//! client segments captured by NFQUEUE before TCP, a raft log across the
+//! nodes, a hot clone of the service on every node. Every test checks the
+//! client streams byte for byte, that the client hosts counted no reset,
+//! and that every node reaches the same state at the same log index.
+//! Needs root, iproute2, iptables and redis-tools.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use baton_lab::cluster::{Cluster, NodeOptions, ServiceSpec};
+use baton_lab::{Deadline, Lab, TcpCounters};
+use rand::{RngCore, SeedableRng};
+use sha2::{Digest, Sha256};
+
+const BIN: &str = env!("CARGO_BIN_EXE_baton");
+const KV_PORT: u16 = 6379;
+const ECHO_PORT: u16 = 7000;
+const NODES: [&str; 3] = ["node1", "node2", "node3"];
+/// Longest wait for roles or states to settle.
+const SETTLE: Duration = Duration::from_secs(30);
+
+fn kv_vip() -> IpAddr {
+    IpAddr::V4(Lab::vip(1).0)
+}
+
+fn echo_vip() -> IpAddr {
+    IpAddr::V4(Lab::vip(2).0)
+}
+
+fn replicated(name: &str, kind: &str, vip: IpAddr, port: u16) -> ServiceSpec {
+    ServiceSpec {
+        name: name.into(),
+        kind: kind.into(),
+        vip,
+        prefix_len: 16,
+        ports: vec![port],
+        preferred_node: "node1".into(),
+        replicated: true,
+    }
+}
+
+fn cluster(prefix: &str, services: &[ServiceSpec], options: NodeOptions) -> Cluster {
+    let lab = Lab::create(&Lab::unique_name(prefix), 3, 2).unwrap();
+    Cluster::start_with(lab, std::path::Path::new(BIN), services, options).unwrap()
+}
+
+fn no_resets(c: &Cluster, host: &str, before: &TcpCounters) {
+    let after = c.lab.tcp_counters(host).unwrap();
+    assert_eq!(
+        after.resets_since(before),
+        0,
+        "{host} saw resets or aborts: {before:?} -> {after:?}"
+    );
+}
+
+/// Every node's view of `service` (role, indexes, digest), asked of each
+/// node itself.
+fn views(c: &Cluster, service: &str) -> Vec<serde_json::Value> {
+    NODES
+        .iter()
+        .filter_map(|n| {
+            let status = c.request(n, &serde_json::json!({"op": "status"})).ok()?;
+            let logs = status["services"]
+                .as_array()?
+                .iter()
+                .find(|s| s["name"] == service)?["log"]
+                .as_array()?
+                .clone();
+            logs.into_iter().find(|l| l["node"] == *n)
+        })
+        .collect()
+}
+
+/// Waits until one node is the service's primary and the others are its
+/// clones; returns the primary. (The preferred node leads a cluster that
+/// starts together; one that started late joins as a clone.)
+fn wait_roles(c: &Cluster, service: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let v = views(c, service);
+        let primaries: Vec<&serde_json::Value> =
+            v.iter().filter(|l| l["role"] == "primary").collect();
+        let clones = v.iter().filter(|l| l["role"] == "clone").count();
+        if v.len() == 3 && primaries.len() == 1 && clones == 2 {
+            return primaries[0]["node"].as_str().unwrap().to_owned();
+        }
+        assert!(
+            start.elapsed() < SETTLE,
+            "{service}: roles not settled: {v:?}\n{}",
+            c.node_log("node1")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until every node has applied the same index with the same state
+/// digest; returns the index.
+fn wait_same_state(c: &Cluster, service: &str) -> u64 {
+    let start = Instant::now();
+    loop {
+        let v = views(c, service);
+        let same = v.len() == 3
+            && v.iter().all(|l| {
+                l["applied_index"] == v[0]["applied_index"]
+                    && l["state_digest"] == v[0]["state_digest"]
+                    && l["state_digest"].is_string()
+            });
+        if same {
+            return v[0]["applied_index"].as_u64().unwrap();
+        }
+        assert!(
+            start.elapsed() < SETTLE,
+            "{service}: nodes differ once idle: {v:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn connect(c: &Cluster, host: &str, addr: SocketAddr) -> TcpStream {
+    c.lab
+        .run_in(host, move || {
+            TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        })
+        .unwrap()
+        .unwrap()
+}
+
+/// Sends `len` random bytes through the echo service and checks that
+/// exactly they come back.
+fn echo_stream(stream: TcpStream, seed: u64, len: u64) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        let sender = std::thread::spawn(move || {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut hash = Sha256::new();
+            let mut chunk = vec![0u8; 64 * 1024];
+            let mut sent = 0u64;
+            while sent < len {
+                let n = chunk.len().min((len - sent) as usize);
+                rng.fill_bytes(&mut chunk[..n]);
+                writer.write_all(&chunk[..n]).unwrap();
+                hash.update(&chunk[..n]);
+                sent += n as u64;
+            }
+            writer.shutdown(Shutdown::Write).unwrap();
+            <[u8; 32]>::from(hash.finalize())
+        });
+        let mut reader = stream;
+        let mut hash = Sha256::new();
+        let mut got = 0u64;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = reader.read(&mut buf).expect("echo read");
+            if n == 0 {
+                break;
+            }
+            hash.update(&buf[..n]);
+            got += n as u64;
+        }
+        let sent_hash = sender.join().unwrap();
+        assert_eq!(got, len, "stream {seed}: bytes");
+        assert_eq!(
+            <[u8; 32]>::from(hash.finalize()),
+            sent_hash,
+            "stream {seed}: digest"
+        );
+    })
+}
+
+fn redis_cli(c: &Cluster, host: &str, args: &[&str]) -> String {
+    let out = c
+        .lab
+        .command(host, "redis-cli")
+        .unwrap()
+        .args(["-h", &kv_vip().to_string(), "-p", &KV_PORT.to_string()])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "redis-cli {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// Bytes sent on the client's connections to `vip` that its kernel still
+/// counts unacknowledged (`ss -ti`: `unacked:N` segments).
+fn unacked_segments(c: &Cluster, host: &str, vip: IpAddr) -> u64 {
+    let out = c
+        .lab
+        .command(host, "ss")
+        .unwrap()
+        .args(["-tin", "dst", &vip.to_string()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("unacked:"))
+        .filter_map(|n| n.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn a_replicated_service_serves_from_the_log_with_the_same_state_on_every_node() {
+    let _deadline = Deadline::start(
+        "a_replicated_service_serves_from_the_log_with_the_same_state_on_every_node",
+        Duration::from_secs(240),
+    );
+    let c = cluster(
+        "rs",
+        &[
+            replicated("kv", "kv", kv_vip(), KV_PORT),
+            replicated("echo", "echo", echo_vip(), ECHO_PORT),
+        ],
+        NodeOptions::default(),
+    );
+    let primary = wait_roles(&c, "kv");
+    wait_roles(&c, "echo");
+    let before1 = c.lab.tcp_counters("client1").unwrap();
+    let before2 = c.lab.tcp_counters("client2").unwrap();
+
+    assert_eq!(
+        redis_cli(&c, "client2", &["SET", "greeting", "hello"]),
+        "OK"
+    );
+    let streams: Vec<_> = (0..4u64)
+        .map(|seed| {
+            let s = connect(&c, "client2", SocketAddr::new(echo_vip(), ECHO_PORT));
+            echo_stream(s, seed, 8 << 20)
+        })
+        .collect();
+    let bench = c
+        .lab
+        .command("client1", "redis-benchmark")
+        .unwrap()
+        .args(["-h", &kv_vip().to_string(), "-p", &KV_PORT.to_string()])
+        .args(["-c", "20", "-n", "2000", "-q"])
+        .args([
+            "-t",
+            "ping,set,get,incr,lpush,rpush,lpop,rpop,sadd,hset,spop,lrange,mset",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&bench.stdout).to_string()
+        + &String::from_utf8_lossy(&bench.stderr);
+    assert!(bench.status.success(), "redis-benchmark failed: {text}");
+    assert!(
+        !text.to_lowercase().contains("error"),
+        "redis-benchmark: {text}"
+    );
+    for s in streams {
+        s.join().unwrap();
+    }
+    assert_eq!(redis_cli(&c, "client2", &["GET", "greeting"]), "hello");
+
+    let kv_index = wait_same_state(&c, "kv");
+    let echo_index = wait_same_state(&c, "echo");
+    assert!(kv_index > 1000, "kv log index {kv_index}");
+    assert!(echo_index > 100, "echo log index {echo_index}");
+    for v in views(&c, "kv") {
+        assert_eq!(
+            v["raft_role"] == "leader",
+            v["node"] == primary.as_str(),
+            "{v}"
+        );
+    }
+    no_resets(&c, "client1", &before1);
+    no_resets(&c, "client2", &before2);
+}
+
+#[test]
+fn nothing_is_acknowledged_before_a_majority_holds_it() {
+    let _deadline = Deadline::start(
+        "nothing_is_acknowledged_before_a_majority_holds_it",
+        Duration::from_secs(120),
+    );
+    // A long election timeout: the stopped clones' silence must not look
+    // like a dead leader to anyone.
+    let c = cluster(
+        "rd",
+        &[replicated("kv", "kv", kv_vip(), KV_PORT)],
+        NodeOptions {
+            election_timeout_ms: Some(5000),
+            ..NodeOptions::default()
+        },
+    );
+    let primary = wait_roles(&c, "kv");
+    let before = c.lab.tcp_counters("client1").unwrap();
+    let mut client = connect(&c, "client1", SocketAddr::new(kv_vip(), KV_PORT));
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    client.write_all(b"*1\r\n$4\r\nPING\r\n").unwrap();
+    let n = client.read(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"+PONG\r\n");
+    let term = |c: &Cluster| {
+        views(c, "kv")
+            .iter()
+            .find(|v| v["node"] == primary.as_str())
+            .map(|v| (v["raft_role"].clone(), v["term"].clone()))
+    };
+    let term_before = term(&c).unwrap();
+    assert_eq!(term_before.0, "leader");
+
+    let clones: Vec<u32> = NODES
+        .iter()
+        .filter(|n| **n != primary)
+        .map(|n| c.pid(n).unwrap())
+        .collect();
+    for pid in &clones {
+        signal(*pid, "-STOP");
+    }
+    let value = "x".repeat(1000);
+    let set = format!(
+        "*3\r\n$3\r\nSET\r\n$1\r\nk\r\n${}\r\n{value}\r\n",
+        value.len()
+    );
+    client.write_all(set.as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let unacked = unacked_segments(&c, "client1", kv_vip());
+    client
+        .set_read_timeout(Some(Duration::from_millis(700)))
+        .unwrap();
+    let early = client.read(&mut buf);
+    for pid in &clones {
+        signal(*pid, "-CONT");
+    }
+    assert!(
+        unacked > 0,
+        "the primary's kernel acknowledged a write no clone holds"
+    );
+    assert!(
+        early.is_err(),
+        "a reply came while no majority held the write: {early:?}"
+    );
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let n = client.read(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"+OK\r\n");
+    assert_eq!(term(&c).unwrap(), term_before, "the leader changed");
+    assert_eq!(unacked_segments(&c, "client1", kv_vip()), 0);
+    assert_eq!(redis_cli(&c, "client2", &["STRLEN", "k"]), "1000");
+    wait_same_state(&c, "kv");
+    no_resets(&c, "client1", &before);
+}
+
+#[test]
+fn a_killed_clone_rejoins_and_catches_up_while_the_service_serves() {
+    let _deadline = Deadline::start(
+        "a_killed_clone_rejoins_and_catches_up_while_the_service_serves",
+        Duration::from_secs(180),
+    );
+    let mut c = cluster(
+        "rk",
+        &[replicated("kv", "kv", kv_vip(), KV_PORT)],
+        NodeOptions::default(),
+    );
+    let primary = wait_roles(&c, "kv");
+    let clone = NODES.iter().find(|n| **n != primary).unwrap().to_string();
+    let before = c.lab.tcp_counters("client1").unwrap();
+    let load = |c: &Cluster, n: &str| {
+        let out = c
+            .lab
+            .command("client1", "redis-benchmark")
+            .unwrap()
+            .args(["-h", &kv_vip().to_string(), "-p", &KV_PORT.to_string()])
+            .args(["-c", "10", "-n", n, "-q", "-t", "set,incr,lpush"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "redis-benchmark: {text}");
+        assert!(!text.to_lowercase().contains("error"), "{text}");
+    };
+    load(&c, "3000");
+    assert!(c.kill_node(&clone));
+    load(&c, "3000");
+    c.start_node(&clone).unwrap();
+    c.wait_ready(&clone, Duration::from_secs(10)).unwrap();
+    let started = Instant::now();
+    load(&c, "3000");
+    assert_eq!(wait_roles(&c, "kv"), primary, "the primary changed");
+    wait_same_state(&c, "kv");
+    eprintln!(
+        "{clone} current again {:?} after its restart",
+        started.elapsed()
+    );
+    // redis-benchmark INCRs one key: every run counts, the restart too.
+    assert_eq!(
+        redis_cli(&c, "client2", &["GET", "counter:__rand_int__"]),
+        "9000"
+    );
+    no_resets(&c, "client1", &before);
+}
