@@ -438,6 +438,8 @@ async fn log_statuses(node: &Node) -> Vec<(String, LogStatus)> {
                     s.role = role_name(rs.role).to_owned();
                     s.applied_index = rs.applied_index;
                     s.state_digest = Some(rs.state_digest);
+                    s.stream_mismatches = Some(rs.stream_mismatches);
+                    s.malformed_dropped = Some(rs.malformed_dropped);
                 }
             }
             None => s.role = if running { "primary" } else { "standby" }.to_owned(),

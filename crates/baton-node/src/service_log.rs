@@ -85,6 +85,14 @@ pub struct LogStatus {
     /// A replicated service's state digest at `applied_index` (hex).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_digest: Option<String>,
+    /// A replicated service's primary: client bytes its kernel handed up
+    /// that differ from the log's (0 unless something is badly wrong).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_mismatches: Option<u64>,
+    /// A replicated service's primary: captured segments dropped as
+    /// malformed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub malformed_dropped: Option<u64>,
     /// Members' node names.
     pub voters: Vec<String>,
     pub learners: Vec<String>,
@@ -346,6 +354,8 @@ fn log_status(s: &Status, applied: u64) -> LogStatus {
         // applied once the group hands them over.
         applied_index: applied.max(s.applied_index),
         state_digest: None,
+        stream_mismatches: None,
+        malformed_dropped: None,
         voters: s
             .membership
             .voters

@@ -30,6 +30,19 @@ fn echo_vip() -> IpAddr {
     IpAddr::V4(Lab::vip(2).0)
 }
 
+fn echo6_vip() -> IpAddr {
+    IpAddr::V6(Lab::vip(3).1)
+}
+
+/// Bytes each echo stream of the main test sends (and gets back).
+fn stream_len() -> u64 {
+    std::env::var("BATON_TEST_STREAM_MB")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(200)
+        << 20
+}
+
 fn replicated(name: &str, kind: &str, vip: IpAddr, port: u16) -> ServiceSpec {
     ServiceSpec {
         name: name.into(),
@@ -74,15 +87,17 @@ fn views(c: &Cluster, service: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Waits until one node is the service's primary and the others are its
-/// clones; returns the primary. (The preferred node leads a cluster that
-/// starts together; one that started late joins as a clone.)
+/// Waits until the preferred node (node1) is the service's primary and
+/// the others are its clones; returns the primary. (Whoever is elected
+/// first hands the lead to the preferred node before any client came.)
 fn wait_roles(c: &Cluster, service: &str) -> String {
     let start = Instant::now();
     loop {
         let v = views(c, service);
-        let primaries: Vec<&serde_json::Value> =
-            v.iter().filter(|l| l["role"] == "primary").collect();
+        let primaries: Vec<&serde_json::Value> = v
+            .iter()
+            .filter(|l| l["role"] == "primary" && l["node"] == "node1")
+            .collect();
         let clones = v.iter().filter(|l| l["role"] == "clone").count();
         if v.len() == 3 && primaries.len() == 1 && clones == 2 {
             return primaries[0]["node"].as_str().unwrap().to_owned();
@@ -223,11 +238,13 @@ fn a_replicated_service_serves_from_the_log_with_the_same_state_on_every_node() 
         &[
             replicated("kv", "kv", kv_vip(), KV_PORT),
             replicated("echo", "echo", echo_vip(), ECHO_PORT),
+            replicated("echo6", "echo", echo6_vip(), ECHO_PORT),
         ],
         NodeOptions::default(),
     );
     let primary = wait_roles(&c, "kv");
     wait_roles(&c, "echo");
+    wait_roles(&c, "echo6");
     let before1 = c.lab.tcp_counters("client1").unwrap();
     let before2 = c.lab.tcp_counters("client2").unwrap();
 
@@ -235,10 +252,18 @@ fn a_replicated_service_serves_from_the_log_with_the_same_state_on_every_node() 
         redis_cli(&c, "client2", &["SET", "greeting", "hello"]),
         "OK"
     );
-    let streams: Vec<_> = (0..4u64)
+    // Four IPv4 streams and two IPv6 ones, each half-closed by the client
+    // once sent, then read to the end.
+    let started = Instant::now();
+    let streams: Vec<_> = (0..6u64)
         .map(|seed| {
-            let s = connect(&c, "client2", SocketAddr::new(echo_vip(), ECHO_PORT));
-            echo_stream(s, seed, 8 << 20)
+            let (vip, len) = if seed < 4 {
+                (echo_vip(), stream_len())
+            } else {
+                (echo6_vip(), stream_len() / 10)
+            };
+            let s = connect(&c, "client2", SocketAddr::new(vip, ECHO_PORT));
+            echo_stream(s, seed, len)
         })
         .collect();
     let bench = c
@@ -260,15 +285,40 @@ fn a_replicated_service_serves_from_the_log_with_the_same_state_on_every_node() 
         !text.to_lowercase().contains("error"),
         "redis-benchmark: {text}"
     );
-    for s in streams {
-        s.join().unwrap();
+    let failed = streams
+        .into_iter()
+        .map(|s| s.join().is_err() as usize)
+        .sum::<usize>();
+    if failed > 0 {
+        for n in NODES {
+            for line in c.node_log(n).lines() {
+                if line.contains("WARN") || line.contains("ERROR") || line.contains("replicated") {
+                    eprintln!("{n}: {line}");
+                }
+            }
+        }
+        panic!("{failed} echo streams failed");
     }
+    eprintln!(
+        "4 echo streams of {} MiB and 2 of a tenth in {:?}",
+        stream_len() >> 20,
+        started.elapsed()
+    );
     assert_eq!(redis_cli(&c, "client2", &["GET", "greeting"]), "hello");
 
     let kv_index = wait_same_state(&c, "kv");
     let echo_index = wait_same_state(&c, "echo");
+    let echo6_index = wait_same_state(&c, "echo6");
     assert!(kv_index > 1000, "kv log index {kv_index}");
     assert!(echo_index > 100, "echo log index {echo_index}");
+    assert!(echo6_index > 100, "echo6 log index {echo6_index}");
+    for service in ["kv", "echo", "echo6"] {
+        for v in views(&c, service) {
+            if v["role"] == "primary" {
+                assert_eq!(v["stream_mismatches"], 0, "{service}: {v}");
+            }
+        }
+    }
     for v in views(&c, "kv") {
         assert_eq!(
             v["raft_role"] == "leader",
@@ -404,5 +454,115 @@ fn a_killed_clone_rejoins_and_catches_up_while_the_service_serves() {
         redis_cli(&c, "client2", &["GET", "counter:__rand_int__"]),
         "9000"
     );
+    no_resets(&c, "client1", &before);
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_client_that_outpaces_its_reader_is_throttled_by_tcp_and_memory_stays_bounded() {
+    let _deadline = Deadline::start(
+        "a_client_that_outpaces_its_reader_is_throttled_by_tcp_and_memory_stays_bounded",
+        Duration::from_secs(180),
+    );
+    let c = cluster(
+        "rt",
+        &[replicated("echo", "echo", echo_vip(), ECHO_PORT)],
+        NodeOptions::default(),
+    );
+    let primary = wait_roles(&c, "echo");
+    let pids: Vec<u32> = NODES.iter().map(|n| c.pid(n).unwrap()).collect();
+    let rss_before: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
+    let before = c.lab.tcp_counters("client1").unwrap();
+    let stream = connect(&c, "client1", SocketAddr::new(echo_vip(), ECHO_PORT));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The sender writes as fast as TCP lets it; the reader takes 64 KiB
+    // every 50 ms (1.3 MB/s). The echo's output then waits for the client,
+    // the service stops taking input, and the window closes on the sender.
+    let sender = {
+        let mut w = stream.try_clone().unwrap();
+        let (sent, stop) = (sent.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+            let mut hash = Sha256::new();
+            let mut chunk = vec![0u8; 64 * 1024];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                rng.fill_bytes(&mut chunk);
+                w.write_all(&chunk).unwrap();
+                hash.update(&chunk);
+                sent.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            w.shutdown(Shutdown::Write).unwrap();
+            <[u8; 32]>::from(hash.finalize())
+        })
+    };
+    let mut r = stream;
+    let mut hash = Sha256::new();
+    let mut got = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    let slow_until = Instant::now() + Duration::from_secs(6);
+    let mut in_flight = Vec::new();
+    while Instant::now() < slow_until {
+        let n = r.read(&mut buf).unwrap();
+        hash.update(&buf[..n]);
+        got += n as u64;
+        in_flight.push(sent.load(std::sync::atomic::Ordering::Relaxed) - got);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rss_slow: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    loop {
+        let n = r.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        hash.update(&buf[..n]);
+        got += n as u64;
+    }
+    let sent_hash = sender.join().unwrap();
+    let total = sent.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(got, total, "bytes");
+    assert_eq!(<[u8; 32]>::from(hash.finalize()), sent_hash, "digest");
+    // What was sent but not read stops growing: kernel buffers on both
+    // sides plus the replicas' output limit, not what six seconds at
+    // full speed would send.
+    let late = &in_flight[in_flight.len() / 2..];
+    let (lo, hi) = (*late.iter().min().unwrap(), *late.iter().max().unwrap());
+    eprintln!(
+        "in flight (sent, not read) over the second half: {} to {} KiB; sent {} KiB in all",
+        lo >> 10,
+        hi >> 10,
+        total >> 10
+    );
+    eprintln!(
+        "daemon RSS KiB before {rss_before:?}, while throttled {rss_slow:?} (primary {primary})"
+    );
+    assert!(
+        hi < 64 << 20,
+        "the sender was not throttled: {hi} bytes in flight"
+    );
+    assert!(
+        hi - lo < 8 << 20,
+        "in flight still growing in the second half: {lo} to {hi}"
+    );
+    for (b, s) in rss_before.iter().zip(&rss_slow) {
+        assert!(
+            s - b.min(s) < 256 << 10,
+            "a daemon grew from {b} to {s} KiB"
+        );
+    }
+    wait_same_state(&c, "echo");
     no_resets(&c, "client1", &before);
 }

@@ -585,6 +585,10 @@ impl RaftGroup {
                 std::thread::Builder::new()
                     .name(format!("raft-{name}"))
                     .spawn(move || {
+                        // Heartbeats and votes ride this thread.
+                        if let Err(e) = baton_net::limits::prioritise_this_thread() {
+                            tracing::debug!(error = %e, "raft thread keeps its priority");
+                        }
                         let rt = match tokio::runtime::Builder::new_current_thread()
                             .enable_all()
                             .build()

@@ -356,6 +356,7 @@ impl Loop {
                 },
                 () = timer => self.propose_tick(true),
                 _ = tick.tick(), if serving => {
+                    self.hand_to_preferred();
                     self.propose_tick(true);
                     self.propose_digests();
                     if self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY && self.since_checkpoint > 0 {
@@ -479,6 +480,44 @@ impl Loop {
         self.capture.handle_commit(self.replica.applied_index());
         self.primary = true;
         self.last_checkpoint = tokio::time::Instant::now();
+    }
+
+    /// `preferred_node` leads at start: while no connection was ever
+    /// opened, a primary elsewhere hands it the lead once it is a voter
+    /// (a node that starts late joins as a learner first). Once clients
+    /// are served the primary stays where it is: one move, not two.
+    fn hand_to_preferred(&mut self) {
+        if self.cfg.preferred_node == self.cfg.node
+            || self.replica.connections_opened() > 0
+            || !self.accepted.is_empty()
+        {
+            return;
+        }
+        let group = self.group.clone();
+        let preferred = self.cfg.preferred_node.clone();
+        let service = self.cfg.name.clone();
+        tokio::spawn(async move {
+            let Some(s) = group.status().await else {
+                return;
+            };
+            let Some(id) = s
+                .membership
+                .voters
+                .iter()
+                .find(|(_, m)| m.name == preferred)
+                .map(|(id, _)| *id)
+            else {
+                return;
+            };
+            match group.transfer_leader(id).await {
+                Ok(()) => {
+                    tracing::info!(service, to = %preferred, "handed the lead to the preferred node")
+                }
+                Err(e) => {
+                    tracing::debug!(service, error = %e, "the preferred node did not take the lead")
+                }
+            }
+        });
     }
 
     /// No longer leads: stops answering for the VIP at once.
