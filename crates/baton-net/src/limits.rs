@@ -43,22 +43,6 @@ pub fn raise_fd_limit(wanted: u64) -> Result<u64, LimitError> {
     Ok(reachable.max(soft))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_limit_is_raised_and_never_lowered() {
-        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
-        assert_eq!(raise_fd_limit(1).unwrap(), soft);
-        assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), (soft, hard));
-        if soft < hard {
-            assert_eq!(raise_fd_limit(hard).unwrap(), hard);
-            assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap().0, hard);
-        }
-    }
-}
-
 /// Nice value of the threads that keep a node's leases and elections: the
 /// replicated log's heartbeats must not wait behind the data path, or a
 /// loaded primary looks dead (corosync runs its totem thread at real-time
@@ -77,5 +61,21 @@ pub fn prioritise_this_thread() -> std::io::Result<()> {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_limit_is_raised_and_never_lowered() {
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        assert_eq!(raise_fd_limit(1).unwrap(), soft);
+        assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), (soft, hard));
+        if soft < hard {
+            assert_eq!(raise_fd_limit(hard).unwrap(), hard);
+            assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap().0, hard);
+        }
     }
 }
