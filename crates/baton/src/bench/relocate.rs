@@ -71,6 +71,7 @@ pub fn measure(
         System::Baton => Deployment::baton(lab, bin)?,
         System::Keepalived => Deployment::keepalived(lab, bin)?,
         System::Plain => Deployment::plain(lab, bin)?,
+        System::Replicated => Deployment::replicated(lab, bin)?,
     };
     // Each system has a client host of its own, so that one system's
     // teardown (and its late resets) never lands in another's counters.

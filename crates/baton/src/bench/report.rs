@@ -44,6 +44,7 @@ fn color(system: System) -> RGBColor {
         System::Baton => RGBColor(31, 119, 180),
         System::Keepalived => RGBColor(214, 39, 40),
         System::Plain => RGBColor(44, 160, 44),
+        System::Replicated => RGBColor(148, 103, 189),
     }
 }
 
@@ -415,7 +416,7 @@ pub fn overhead(dir: &Path, sizes: &Sizes, lines: &[Value], runs: &[overhead::Ru
     let _ = writeln!(md);
     for &p in &sizes.pipelines {
         let mut cdf_lines = Vec::new();
-        for s in [System::Plain, System::Baton] {
+        for s in [System::Plain, System::Baton, System::Replicated] {
             if let Some(r) = runs.iter().find(|r| r.system == s && r.pipeline == p) {
                 cdf_lines.push(Line {
                     label: s.name().into(),

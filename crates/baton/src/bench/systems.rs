@@ -31,6 +31,8 @@ pub enum System {
     Keepalived,
     /// One standalone server (overhead baseline).
     Plain,
+    /// `baton node` on three nodes, kv replicated through the log.
+    Replicated,
 }
 
 impl System {
@@ -40,6 +42,7 @@ impl System {
             System::Baton => "client1",
             System::Keepalived => "client2",
             System::Plain => "client3",
+            System::Replicated => "client4",
         }
     }
 }
@@ -50,6 +53,7 @@ impl System {
             System::Baton => "baton",
             System::Keepalived => "keepalived",
             System::Plain => "plain",
+            System::Replicated => "replicated",
         }
     }
 }
@@ -227,6 +231,16 @@ pub fn keepalived_dir(lab: &Lab, node: &str) -> Result<PathBuf> {
 impl<'a> Deployment<'a> {
     /// `baton node` on every node of the lab, kv at the VIP on node1.
     pub fn baton(lab: &'a Lab, bin: &Path) -> Result<Deployment<'a>> {
+        Self::cluster(lab, bin, false)
+    }
+
+    /// `baton node` on every node of the lab, kv replicated through the
+    /// log, its primary (and the VIP) on node1.
+    pub fn replicated(lab: &'a Lab, bin: &Path) -> Result<Deployment<'a>> {
+        Self::cluster(lab, bin, true)
+    }
+
+    fn cluster(lab: &'a Lab, bin: &Path, replicated: bool) -> Result<Deployment<'a>> {
         let handle = Lab::open(lab.name())?;
         let cluster = Cluster::start(
             handle,
@@ -238,7 +252,7 @@ impl<'a> Deployment<'a> {
                 prefix_len: 16,
                 ports: vec![KV_PORT],
                 preferred_node: "node1".into(),
-                replicated: false,
+                replicated,
             }],
         )?;
         let d = Deployment::Baton {
