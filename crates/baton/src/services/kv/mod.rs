@@ -30,8 +30,10 @@ use super::resp::{Command, Parser, Writer};
 mod checkpoint;
 pub mod commands;
 pub mod db;
+pub mod stream;
 #[cfg(test)]
 mod tests;
+pub mod zset;
 
 use commands::{Call, Flow, Kind};
 use db::Db;
