@@ -135,9 +135,21 @@ impl Scanned for ZSet {
         ZSet::members(self)
     }
     fn follow(&self, member: &[u8]) -> Option<Cow<'_, [u8]>> {
-        // Redis sends the score as its stored text: `%.17g` too.
         self.score(member)
-            .map(|s| Cow::Owned(format_double(s).into_bytes()))
+            .map(|s| Cow::Owned(stored_double(s).into_bytes()))
+    }
+}
+
+/// A score as Redis 7.0 stores it as text (`d2string`), which ZSCAN
+/// sends: an integer within +-2^62 in plain digits, else as
+/// [`format_double`].
+pub fn stored_double(d: f64) -> String {
+    const LIMIT: f64 = (i64::MAX / 2) as f64;
+    if (-LIMIT..=LIMIT).contains(&d) && d.fract() == 0.0 {
+        // Exact: |d| < 2^63 and integral. -0 prints as 0 (never stored).
+        (d as i64).to_string()
+    } else {
+        format_double(d)
     }
 }
 

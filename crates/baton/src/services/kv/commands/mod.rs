@@ -255,14 +255,14 @@ pub fn signed(ms: u64) -> i64 {
     i64::try_from(ms).unwrap_or(i64::MAX)
 }
 
-/// An optional non-negative count argument (`LPOP key [count]`).
+/// An optional non-negative count argument (`LPOP key [count]`). Redis
+/// answers `NOT_POSITIVE` for a count that is no integer too.
 pub fn count_arg(arg: Option<&Vec<u8>>) -> Result<Option<u64>, &'static str> {
     match arg {
         None => Ok(None),
         Some(c) => match parse_i64(c) {
             Some(n) if n >= 0 => Ok(Some(n as u64)),
-            Some(_) => Err(NOT_POSITIVE),
-            None => Err(NOT_INTEGER),
+            _ => Err(NOT_POSITIVE),
         },
     }
 }

@@ -251,10 +251,7 @@ pub fn zrem(kv: &mut Kv, c: &mut Call) -> Flow {
         Err(WrongType) => c.out.err(WRONGTYPE),
         Ok(None) => c.out.int(0),
         Ok(Some(z)) => {
-            let n = c.args[2..]
-                .iter()
-                .filter(|m| z.remove(m).is_some())
-                .count();
+            let n = c.args[2..].iter().filter(|m| z.remove(m).is_some()).count();
             if n > 0 {
                 kv.db.touch(key);
             }

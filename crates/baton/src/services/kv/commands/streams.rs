@@ -220,9 +220,8 @@ pub fn xadd(kv: &mut Kv, c: &mut Call) -> Flow {
         Ok(s) => s.map_or(StreamId::default(), |s| s.last_id),
     };
     if last == StreamId::MAX {
-        c.out.err(
-            "ERR The stream has exhausted the last possible ID, unable to add more items",
-        );
+        c.out
+            .err("ERR The stream has exhausted the last possible ID, unable to add more items");
         return Flow::Continue;
     }
     let id = match a.id {
