@@ -256,22 +256,27 @@ pub fn xadd(kv: &mut Kv, c: &mut Call) -> Flow {
     Flow::Continue
 }
 
-/// `XTRIM key MAXLEN|MINID [=|~] threshold [LIMIT count]`.
+/// `XTRIM key MAXLEN|MINID [=|~] threshold [LIMIT count]`: options
+/// first, then the key.
 pub fn xtrim(kv: &mut Kv, c: &mut Call) -> Flow {
+    let a = match parse_add_or_trim(c.args, false) {
+        Ok(a) => a,
+        Err(e) => {
+            c.out.err(e);
+            return Flow::Continue;
+        }
+    };
     let key = &c.args[1];
     match kv.db.get_stream(key) {
         Err(WrongType) => c.out.err(WRONGTYPE),
         Ok(None) => c.out.int(0),
-        Ok(Some(s)) => match parse_add_or_trim(c.args, false) {
-            Err(e) => c.out.err(e),
-            Ok(a) => {
-                let n = s.trim(a.trim, a.approx, a.limit);
-                if n > 0 {
-                    kv.db.touch(key);
-                }
-                c.out.int(n as i64);
+        Ok(Some(s)) => {
+            let n = s.trim(a.trim, a.approx, a.limit);
+            if n > 0 {
+                kv.db.touch(key);
             }
-        },
+            c.out.int(n as i64);
+        }
     }
     Flow::Continue
 }
