@@ -193,7 +193,7 @@ impl Stream {
         for (id, e) in &self.entries {
             if *id > self.last_id
                 || e.fields.is_empty()
-                || e.fields.len() % 2 != 0
+                || e.fields.len() % 2 == 1
                 || e.node < node
                 || e.node > self.tail_node
             {

@@ -66,6 +66,9 @@ fn next_up(x: f64) -> f64 {
     }
 }
 
+/// A place in the `(score, member)` order.
+type Key = (Score, Vec<u8>);
+
 /// A score interval as ZRANGEBYSCORE and ZCOUNT take it: `min`/`max`,
 /// each inclusive or, written `(x`, exclusive.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -112,7 +115,7 @@ impl ScoreRange {
 
     /// The range as bounds of the `(score, member)` order: the empty member
     /// sorts first, so `(s, [])` starts the members of score `s`.
-    fn bounds(&self) -> Option<(Bound<(Score, Vec<u8>)>, Bound<(Score, Vec<u8>)>)> {
+    fn bounds(&self) -> Option<(Bound<Key>, Bound<Key>)> {
         if self.is_empty() {
             return None;
         }
@@ -194,7 +197,7 @@ impl LexRange {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ZSet {
     scores: BTreeMap<Vec<u8>, Score>,
-    order: BTreeSet<(Score, Vec<u8>)>,
+    order: BTreeSet<Key>,
 }
 
 impl ZSet {

@@ -44,7 +44,7 @@ pub fn zadd(kv: &mut Kv, c: &mut Call) -> Flow {
         i += 1;
     }
     let pairs = &c.args[i..];
-    if pairs.is_empty() || pairs.len() % 2 != 0 {
+    if pairs.is_empty() || pairs.len() % 2 == 1 {
         c.out.err(SYNTAX);
         return Flow::Continue;
     }
@@ -53,7 +53,7 @@ pub fn zadd(kv: &mut Kv, c: &mut Call) -> Flow {
             .err("ERR XX and NX options at the same time are not compatible");
         return Flow::Continue;
     }
-    if (f.gt && f.nx) || (f.lt && f.nx) || (f.gt && f.lt) {
+    if (f.nx && (f.gt || f.lt)) || (f.gt && f.lt) {
         c.out
             .err("ERR GT, LT, and/or NX options at the same time are not compatible");
         return Flow::Continue;

@@ -198,7 +198,7 @@ pub fn xadd(kv: &mut Kv, c: &mut Call) -> Flow {
         }
     };
     let fields = c.args.get(a.id_at + 1..).unwrap_or_default();
-    if fields.len() < 2 || fields.len() % 2 != 0 {
+    if fields.len() < 2 || fields.len() % 2 == 1 {
         arity_error(c.out, "xadd");
         return Flow::Continue;
     }
