@@ -335,9 +335,9 @@ fn normalize(cmd: &str, r: R) -> R {
             m.sort();
             R::Map(m)
         }
-        ("SCAN" | "SSCAN" | "HSCAN", R::Array(Some(mut v))) if v.len() == 2 => {
+        ("SCAN" | "SSCAN" | "HSCAN" | "ZSCAN", R::Array(Some(mut v))) if v.len() == 2 => {
             if let R::Array(Some(items)) = v.pop().unwrap() {
-                let items = if cmd == "HSCAN" {
+                let items = if cmd == "HSCAN" || cmd == "ZSCAN" {
                     pairs(items)
                 } else {
                     sorted(items)
@@ -367,7 +367,7 @@ impl Mix {
     }
 
     fn key(&mut self) -> String {
-        let family = self.pick(&["s", "s", "l", "h", "t", "n"]);
+        let family = self.pick(&["s", "s", "l", "h", "t", "n", "z", "z", "x"]);
         format!("{family}{}", self.rng.gen_range(0..3))
     }
 
@@ -398,7 +398,22 @@ impl Mix {
         }
         let (k, k2, v) = (self.key(), self.key(), self.val());
         let n = self.rng.gen_range(-1..4).to_string();
-        let cmd = match self.rng.gen_range(0..64) {
+        let score = self.pick(&["1", "2.5", "-1", "0", "inf", "-inf", "3", "x", "1e400"]);
+        let score2 = self.pick(&["1", "2", "-0.5", "+inf", "0.1", "4"]);
+        let (m, m2) = (
+            self.pick(&["a", "b", "c", "d"]),
+            self.pick(&["a", "b", "e"]),
+        );
+        let bound = self.pick(&["-inf", "+inf", "(1", "0", "2.5", "(3", "x", "("]);
+        let bound2 = self.pick(&["-inf", "+inf", "1", "(2.5", "4"]);
+        // Stream ids are explicit (`*` would be each server's own clock);
+        // `ms-*` is deterministic.
+        let id = format!(
+            "{}-{}",
+            self.rng.gen_range(0..5),
+            self.pick(&["0", "1", "2", "*", "x"])
+        );
+        let cmd = match self.rng.gen_range(0..84) {
             0 => s(&["SET", &k, &v]),
             1 => s(&["SET", &k, &v, self.pick(&["NX", "XX", "GET", "KEEPTTL"])]),
             2 => s(&["SET", &k, &v, "EX", self.pick(&["100", "0", "x", "-1"])]),
@@ -427,7 +442,7 @@ impl Mix {
                 "COUNT",
                 "1000",
                 self.pick(&["MATCH", "TYPE"]),
-                self.pick(&["list", "s*", "hash", "string"]),
+                self.pick(&["list", "s*", "hash", "string", "zset", "stream"]),
             ]),
             24 => s(&[
                 "SCAN",
@@ -481,6 +496,79 @@ impl Mix {
             60 => s(&["PING"]),
             61 => s(&["SELECT", self.pick(&["0", "x"])]),
             62 if !self.in_multi => s(&["HELLO", self.pick(&["2", "3", "4", "x"])]),
+            64 | 65 => {
+                let flag = self.pick(&["NX", "XX", "GT", "LT", "CH", "INCR", "GT", "CH"]);
+                if self.rng.gen_range(0..3) == 0 {
+                    s(&["ZADD", &k, score, m, score2, m2])
+                } else if flag == "INCR" {
+                    s(&["ZADD", &k, flag, score, m])
+                } else {
+                    s(&["ZADD", &k, flag, score, m, score2, m2])
+                }
+            }
+            66 => s(&["ZINCRBY", &k, score, m]),
+            67 => s(&["ZSCORE", &k, m]),
+            68 => s(&["ZMSCORE", &k, m, m2, "nope"]),
+            69 => s(&["ZCARD", &k]),
+            70 => s(&["ZCOUNT", &k, bound, bound2]),
+            71 => s(&[self.pick(&["ZRANK", "ZREVRANK"]), &k, m]),
+            72 => s(&["ZREM", &k, m, m2]),
+            73 => s(&[self.pick(&["ZPOPMIN", "ZPOPMAX"]), &k, &n]),
+            74 => s(&[
+                "ZRANGE",
+                &k,
+                &n,
+                "-1",
+                self.pick(&["WITHSCORES", "REV", "BYSCORE", "LIMIT"]),
+            ]),
+            75 => s(&[
+                "ZRANGE",
+                &k,
+                bound,
+                bound2,
+                "BYSCORE",
+                self.pick(&["REV", "WITHSCORES"]),
+                "LIMIT",
+                self.pick(&["0", "1", "-1"]),
+                &n,
+            ]),
+            76 => s(&[
+                self.pick(&["ZRANGEBYSCORE", "ZREVRANGEBYSCORE"]),
+                &k,
+                bound2,
+                bound,
+                "WITHSCORES",
+            ]),
+            77 if !self.in_multi => s(&["ZSCAN", &k, "0", "COUNT", "1000"]),
+            78 | 79 => match self.rng.gen_range(0..4) {
+                0 => s(&["XADD", &k, &id, "f", &v]),
+                1 => s(&[
+                    "XADD",
+                    &k,
+                    "MAXLEN",
+                    self.pick(&["=", "~"]),
+                    &n,
+                    &id,
+                    "f",
+                    &v,
+                ]),
+                2 => s(&["XADD", &k, "NOMKSTREAM", &id, "f", &v, "g", "w"]),
+                _ => s(&["XADD", &k, &id, "f"]),
+            },
+            80 => s(&["XLEN", &k]),
+            81 => s(&[
+                "XRANGE",
+                &k,
+                self.pick(&["-", "(1", "2", "x"]),
+                self.pick(&["+", "3-1", "(4"]),
+                "COUNT",
+                &n,
+            ]),
+            82 => s(&["XREVRANGE", &k, "+", "-", "COUNT", &n]),
+            83 => match self.rng.gen_range(0..2) {
+                0 => s(&["XDEL", &k, &id, "1-1"]),
+                _ => s(&["XTRIM", &k, self.pick(&["MAXLEN", "MINID"]), &n]),
+            },
             _ => s(&["SPOP", &k, "0"]),
         };
         (0, cmd)

@@ -670,10 +670,8 @@ impl Writer {
         }
     }
 
-    /// A double (a bulk string in RESP2), formatted as Redis 7.2 does:
-    /// the shortest text that reads back as the same value. No kv command
-    /// answers one yet (it has no sorted sets).
-    #[allow(dead_code)]
+    /// A double (a bulk string in RESP2), formatted as Redis 7.0 does
+    /// (see [`format_double`]).
     pub fn double(&mut self, d: f64) {
         let text = format_double(d);
         if self.resp3 {
@@ -704,18 +702,37 @@ impl Writer {
     }
 }
 
-#[allow(dead_code)]
-/// A double as Redis writes it: `inf`, `-inf`, `nan`, integers without a
-/// fraction, otherwise the shortest round-tripping decimal.
+/// A double as Redis 7.0 writes it: `inf`, `-inf`, `nan`, otherwise C's
+/// `%.17g` (17 significant digits, trailing zeros dropped, an exponent
+/// below 1e-4 and from 1e17 on), so `1`, `1.5`, `0.10000000000000001`,
+/// `1e+21`, `3.0000000000000001e-05`.
 pub fn format_double(d: f64) -> String {
     if d.is_nan() {
-        "nan".into()
-    } else if d.is_infinite() {
-        if d > 0.0 { "inf" } else { "-inf" }.into()
+        return "nan".into();
+    }
+    if d.is_infinite() {
+        return if d > 0.0 { "inf" } else { "-inf" }.into();
+    }
+    // Rust's exact formatting rounds the binary value correctly, as
+    // glibc's printf does; `{:.16e}` gives the 17 digits and the exponent.
+    let sci = format!("{d:.16e}");
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    if !(-4..17).contains(&exp) {
+        let sign = if exp < 0 { '-' } else { '+' };
+        format!("{}e{sign}{:02}", strip_zeros(mantissa), exp.unsigned_abs())
     } else {
-        // Rust prints 1e21 as "1000000000000000000000": Redis clients
-        // parse both forms.
-        format!("{d}")
+        let decimals = usize::try_from(16 - exp).unwrap_or(0);
+        strip_zeros(&format!("{d:.decimals$}")).to_string()
+    }
+}
+
+/// `%g` without `#`: no trailing zeros after the point, nor the point.
+fn strip_zeros(s: &str) -> &str {
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.')
+    } else {
+        s
     }
 }
 

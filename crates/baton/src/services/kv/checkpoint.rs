@@ -1,10 +1,12 @@
 //! The checkpoint format: postcard, a version first.
 //!
-//! Version 2 (this build) adds each connection's protocol, transaction,
+//! Version 3 (this build) adds sorted-set and stream values (new variants
+//! of `Value` after the others, so a version 2 body reads unchanged).
+//! Version 2 added each connection's protocol, transaction,
 //! watches, subscriptions and blocking wait, and the id counters. Version 1
 //! checkpoints (keys, deadlines, each connection's parser, peer and name)
-//! still restore, so a node of this build can take a service from one of
-//! the previous build.
+//! and version 2 ones still restore, so a node of this build can take a
+//! service from one of an earlier build.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -16,7 +18,7 @@ use super::db::{Db, Value};
 use super::{Conn, Kv};
 use crate::services::resp::{Parser, MAX_BULK_LEN};
 
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 #[derive(Serialize)]
 struct SnapshotRef<'a> {
@@ -108,10 +110,10 @@ pub fn decode(bytes: &[u8]) -> Result<Kv, RestoreError> {
                 next_block_seq: 0,
             }
         }
-        VERSION => whole(body)?,
+        2 | VERSION => whole(body)?,
         other => {
             return Err(RestoreError::new(format!(
-                "kv checkpoint version {other} (this build reads 1 and {VERSION})"
+                "kv checkpoint version {other} (this build reads 1 to {VERSION})"
             )))
         }
     };
@@ -141,6 +143,10 @@ fn check(snap: &Snapshot) -> Result<(), RestoreError> {
     }
     if snap.data.values().any(Value::is_empty_container) {
         return bad("empty container value");
+    }
+    let broken_stream = |v: &Value| matches!(v, Value::Stream(s) if !s.is_consistent());
+    if snap.data.values().any(broken_stream) {
+        return bad("inconsistent stream");
     }
     for c in snap.conns.values() {
         if c.id == 0 || c.id > snap.next_client_id {

@@ -11,6 +11,9 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+pub use super::stream::Stream;
+pub use super::zset::ZSet;
+
 pub type Hash = BTreeMap<Vec<u8>, Vec<u8>>;
 pub type Set = BTreeSet<Vec<u8>>;
 pub type List = VecDeque<Vec<u8>>;
@@ -21,6 +24,10 @@ pub enum Value {
     List(List),
     Hash(Hash),
     Set(Set),
+    // New variants go last: postcard numbers them, and older checkpoints
+    // must keep their meaning.
+    ZSet(ZSet),
+    Stream(Stream),
 }
 
 impl Value {
@@ -30,6 +37,9 @@ impl Value {
             Value::List(l) => l.is_empty(),
             Value::Hash(h) => h.is_empty(),
             Value::Set(s) => s.is_empty(),
+            Value::ZSet(z) => z.is_empty(),
+            // An emptied stream stays, as in Redis.
+            Value::Stream(_) => false,
         }
     }
 
@@ -40,6 +50,8 @@ impl Value {
             Value::List(_) => "list",
             Value::Hash(_) => "hash",
             Value::Set(_) => "set",
+            Value::ZSet(_) => "zset",
+            Value::Stream(_) => "stream",
         }
     }
 }
@@ -237,6 +249,38 @@ impl Db {
         }
     }
 
+    pub fn zset(&self, key: &[u8]) -> Result<Option<&ZSet>, WrongType> {
+        match self.data.get(key) {
+            None => Ok(None),
+            Some(Value::ZSet(z)) => Ok(Some(z)),
+            Some(_) => Err(WrongType),
+        }
+    }
+
+    pub fn get_zset(&mut self, key: &[u8]) -> Result<Option<&mut ZSet>, WrongType> {
+        match self.data.get_mut(key) {
+            None => Ok(None),
+            Some(Value::ZSet(z)) => Ok(Some(z)),
+            Some(_) => Err(WrongType),
+        }
+    }
+
+    pub fn stream(&self, key: &[u8]) -> Result<Option<&Stream>, WrongType> {
+        match self.data.get(key) {
+            None => Ok(None),
+            Some(Value::Stream(s)) => Ok(Some(s)),
+            Some(_) => Err(WrongType),
+        }
+    }
+
+    pub fn get_stream(&mut self, key: &[u8]) -> Result<Option<&mut Stream>, WrongType> {
+        match self.data.get_mut(key) {
+            None => Ok(None),
+            Some(Value::Stream(s)) => Ok(Some(s)),
+            Some(_) => Err(WrongType),
+        }
+    }
+
     /// The value at `key`, created by `make` if missing; `WrongType` if it
     /// is not what `is_kind` accepts. The key counts as modified.
     pub fn entry(
@@ -280,7 +324,7 @@ impl Db {
     }
 }
 
-/// One page of HSCAN/SSCAN over the members of a container, in scan-hash
+/// One page of HSCAN/SSCAN/ZSCAN over the members of a container, in scan-hash
 /// order, as [`Db::scan`]. Containers keep no hash index: a page sorts the
 /// members from `cursor` on, which is fine for the sizes a service keeps.
 pub fn scan_members<'a, I>(members: I, cursor: u64, count: usize) -> (u64, Vec<&'a Vec<u8>>)

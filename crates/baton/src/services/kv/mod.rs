@@ -1,18 +1,19 @@
 //! `Kv`: a Redis-protocol key-value store as a baton service.
 //!
 //! It speaks RESP2 and, after `HELLO 3`, RESP3; it answers the common
-//! string, key, list, hash and set commands, transactions (MULTI/EXEC with
-//! WATCH), SCAN, pub/sub, blocking list pops, and what client libraries
-//! send on connect, with Redis's replies and error texts. Pipelined
-//! commands are answered in order. Commands live in [`commands`], a file
-//! per family; the keyspace in [`db`].
+//! string, key, list, hash, set, sorted-set and stream commands,
+//! transactions (MULTI/EXEC with WATCH), SCAN, pub/sub, blocking list
+//! pops, and what client libraries send on connect, with Redis's replies
+//! and error texts. Pipelined commands are answered in order. Commands
+//! live in [`commands`], a file per family; the keyspace in [`db`], the
+//! sorted-set and stream values in [`zset`] and [`stream`].
 //!
 //! Determinism: the store is a pure function of its events. Maps are
-//! ordered, time is the event's `ctx.now_ms()`, SPOP draws from
-//! `ctx.random_u64()`, and blocking timeouts are timers of the log. Keys
-//! expire lazily: before the commands of an event run, every key whose
-//! deadline is before the event's time is removed, so no command (DBSIZE
-//! included) sees one.
+//! ordered, time is the event's `ctx.now_ms()` (stream ids given as `*`
+//! included), SPOP draws from `ctx.random_u64()`, and blocking timeouts
+//! are timers of the log. Keys expire lazily: before the commands of an
+//! event run, every key whose deadline is before the event's time is
+//! removed, so no command (DBSIZE included) sees one.
 //!
 //! Everything a client relies on is service state, so it survives a move:
 //! keys and deadlines, each connection's partial input, protocol, name,
@@ -30,8 +31,10 @@ use super::resp::{Command, Parser, Writer};
 mod checkpoint;
 pub mod commands;
 pub mod db;
+pub mod stream;
 #[cfg(test)]
 mod tests;
+pub mod zset;
 
 use commands::{Call, Flow, Kind};
 use db::Db;

@@ -1,8 +1,8 @@
 //! Hash commands: HSET, HGET, HDEL, HGETALL, HLEN, HEXISTS, HSCAN.
 
-use super::keys::write_page;
-use super::{arity_error, scan_opts, Call, Flow, WRONGTYPE};
-use crate::services::kv::db::{glob_match, scan_members, Hash, Value, WrongType};
+use super::keys::scan_container;
+use super::{arity_error, Call, Flow, WRONGTYPE};
+use crate::services::kv::db::{Hash, Value, WrongType};
 use crate::services::kv::Kv;
 
 pub fn hset(kv: &mut Kv, c: &mut Call) -> Flow {
@@ -96,38 +96,5 @@ pub fn hexists(kv: &mut Kv, c: &mut Call) -> Flow {
 
 /// `HSCAN key cursor [MATCH pattern] [COUNT count]`: field, value pairs.
 pub fn hscan(kv: &mut Kv, c: &mut Call) -> Flow {
-    let (cursor, opts) = match scan_opts(&c.args[2], &c.args[3..], false) {
-        Ok(v) => v,
-        Err(e) => {
-            c.out.err(e);
-            return Flow::Continue;
-        }
-    };
-    let h = match kv.db.get_hash(&c.args[1]) {
-        Err(WrongType) => {
-            c.out.err(WRONGTYPE);
-            return Flow::Continue;
-        }
-        Ok(None) => {
-            write_page(c, 0, &[]);
-            return Flow::Continue;
-        }
-        Ok(Some(h)) => h,
-    };
-    let (next, page) = scan_members(h.keys(), cursor, opts.count);
-    let mut items = Vec::new();
-    for f in page {
-        if opts
-            .pattern
-            .as_ref()
-            .is_none_or(|p| glob_match(p, f, false))
-        {
-            if let Some(v) = h.get(f) {
-                items.push(f);
-                items.push(v);
-            }
-        }
-    }
-    write_page(c, next, &items);
-    Flow::Continue
+    scan_container::<Hash>(kv, c)
 }

@@ -1,10 +1,12 @@
 //! Keyspace commands: DEL, EXISTS, TYPE, KEYS, SCAN, EXPIRE, PEXPIRE,
 //! TTL, PTTL, PERSIST, DBSIZE, FLUSHALL, FLUSHDB.
 
-use super::{scan_opts, signed, Call, Flow, NOT_INTEGER, SYNTAX};
-use crate::services::kv::db::glob_match;
+use std::borrow::Cow;
+
+use super::{scan_opts, signed, Call, Flow, NOT_INTEGER, SYNTAX, WRONGTYPE};
+use crate::services::kv::db::{glob_match, scan_members, Hash, Set, Value, ZSet};
 use crate::services::kv::Kv;
-use crate::services::resp::parse_i64;
+use crate::services::resp::{format_double, parse_i64};
 
 pub fn del(kv: &mut Kv, c: &mut Call) -> Flow {
     let n = c.args[1..]
@@ -72,13 +74,124 @@ pub fn scan(kv: &mut Kv, c: &mut Call) -> Flow {
 }
 
 /// The `[cursor, [elements...]]` reply of the SCAN family.
-pub fn write_page(c: &mut Call, next: u64, items: &[&Vec<u8>]) {
+pub fn write_page<T: AsRef<[u8]>>(c: &mut Call, next: u64, items: &[T]) {
     c.out.array(2);
     c.out.bulk(next.to_string().as_bytes());
     c.out.array(items.len());
     for i in items {
-        c.out.bulk(i);
+        c.out.bulk(i.as_ref());
     }
+}
+
+/// A container HSCAN, SSCAN or ZSCAN pages through.
+pub trait Scanned {
+    /// The value's container, `None` for a value of another type.
+    fn of(value: &Value) -> Option<&Self>;
+    /// Its members, in any order.
+    fn members(&self) -> impl Iterator<Item = &Vec<u8>>;
+    /// What the reply carries after a member: a field's value, a member's
+    /// score; nothing for a set.
+    fn follow(&self, member: &[u8]) -> Option<Cow<'_, [u8]>>;
+}
+
+impl Scanned for Hash {
+    fn of(value: &Value) -> Option<&Hash> {
+        match value {
+            Value::Hash(h) => Some(h),
+            _ => None,
+        }
+    }
+    fn members(&self) -> impl Iterator<Item = &Vec<u8>> {
+        self.keys()
+    }
+    fn follow(&self, member: &[u8]) -> Option<Cow<'_, [u8]>> {
+        self.get(member).map(|v| Cow::Borrowed(v.as_slice()))
+    }
+}
+
+impl Scanned for Set {
+    fn of(value: &Value) -> Option<&Set> {
+        match value {
+            Value::Set(s) => Some(s),
+            _ => None,
+        }
+    }
+    fn members(&self) -> impl Iterator<Item = &Vec<u8>> {
+        self.iter()
+    }
+    fn follow(&self, _member: &[u8]) -> Option<Cow<'_, [u8]>> {
+        None
+    }
+}
+
+impl Scanned for ZSet {
+    fn of(value: &Value) -> Option<&ZSet> {
+        match value {
+            Value::ZSet(z) => Some(z),
+            _ => None,
+        }
+    }
+    fn members(&self) -> impl Iterator<Item = &Vec<u8>> {
+        ZSet::members(self)
+    }
+    fn follow(&self, member: &[u8]) -> Option<Cow<'_, [u8]>> {
+        self.score(member)
+            .map(|s| Cow::Owned(stored_double(s).into_bytes()))
+    }
+}
+
+/// A score as Redis 7.0 stores it as text (`d2string`), which ZSCAN
+/// sends: an integer within +-2^62 in plain digits, else as
+/// [`format_double`].
+pub fn stored_double(d: f64) -> String {
+    const LIMIT: f64 = (i64::MAX / 2) as f64;
+    if (-LIMIT..=LIMIT).contains(&d) && d.fract() == 0.0 {
+        // Exact: |d| < 2^63 and integral. -0 prints as 0 (never stored).
+        (d as i64).to_string()
+    } else {
+        format_double(d)
+    }
+}
+
+/// `HSCAN|SSCAN|ZSCAN key cursor [MATCH pattern] [COUNT count]`: one page
+/// of the container's members in scan-hash order (see
+/// [`scan_members`]), those matching each followed by what
+/// [`Scanned::follow`] gives.
+pub fn scan_container<T: Scanned>(kv: &mut Kv, c: &mut Call) -> Flow {
+    let (cursor, opts) = match scan_opts(&c.args[2], &c.args[3..], false) {
+        Ok(v) => v,
+        Err(e) => {
+            c.out.err(e);
+            return Flow::Continue;
+        }
+    };
+    let container = match kv.db.get(&c.args[1]) {
+        None => {
+            write_page::<&[u8]>(c, 0, &[]);
+            return Flow::Continue;
+        }
+        Some(v) => match T::of(v) {
+            Some(t) => t,
+            None => {
+                c.out.err(WRONGTYPE);
+                return Flow::Continue;
+            }
+        },
+    };
+    let (next, page) = scan_members(container.members(), cursor, opts.count);
+    let mut items: Vec<Cow<[u8]>> = Vec::new();
+    for m in page {
+        if opts
+            .pattern
+            .as_ref()
+            .is_none_or(|p| glob_match(p, m, false))
+        {
+            items.push(Cow::Borrowed(m));
+            items.extend(container.follow(m));
+        }
+    }
+    write_page(c, next, &items);
+    Flow::Continue
 }
 
 pub fn expire(kv: &mut Kv, c: &mut Call) -> Flow {

@@ -15,6 +15,8 @@ pub mod lists;
 pub mod pubsub;
 pub mod server;
 pub mod sets;
+pub mod sorted_sets;
+pub mod streams;
 pub mod strings;
 pub mod transactions;
 
@@ -163,6 +165,33 @@ pub const COMMANDS: &[Spec] = &[
     cmd("scard", 2, sets::scard),
     cmd("spop", -2, sets::spop),
     cmd("sscan", -3, sets::sscan),
+    // sorted sets
+    cmd("zadd", -4, sorted_sets::zadd),
+    cmd("zincrby", 4, sorted_sets::zincrby),
+    cmd("zscore", 3, sorted_sets::zscore),
+    cmd("zmscore", -3, sorted_sets::zmscore),
+    cmd("zcard", 2, sorted_sets::zcard),
+    cmd("zcount", 4, sorted_sets::zcount),
+    cmd("zlexcount", 4, sorted_sets::zlexcount),
+    cmd("zrank", 3, sorted_sets::zrank),
+    cmd("zrevrank", 3, sorted_sets::zrevrank),
+    cmd("zrem", -3, sorted_sets::zrem),
+    cmd("zpopmin", -2, sorted_sets::zpopmin),
+    cmd("zpopmax", -2, sorted_sets::zpopmax),
+    cmd("zrange", -4, sorted_sets::zrange),
+    cmd("zrevrange", -4, sorted_sets::zrevrange),
+    cmd("zrangebyscore", -4, sorted_sets::zrangebyscore),
+    cmd("zrevrangebyscore", -4, sorted_sets::zrevrangebyscore),
+    cmd("zrangebylex", -4, sorted_sets::zrangebylex),
+    cmd("zrevrangebylex", -4, sorted_sets::zrevrangebylex),
+    cmd("zscan", -3, sorted_sets::zscan),
+    // streams
+    cmd("xadd", -5, streams::xadd),
+    cmd("xtrim", -4, streams::xtrim),
+    cmd("xlen", 2, streams::xlen),
+    cmd("xrange", -4, streams::xrange),
+    cmd("xrevrange", -4, streams::xrevrange),
+    cmd("xdel", -3, streams::xdel),
     // transactions
     with("multi", 1, Kind::Control, transactions::multi),
     with("exec", 1, Kind::Control, transactions::exec),
@@ -226,14 +255,14 @@ pub fn signed(ms: u64) -> i64 {
     i64::try_from(ms).unwrap_or(i64::MAX)
 }
 
-/// An optional non-negative count argument (`LPOP key [count]`).
+/// An optional non-negative count argument (`LPOP key [count]`). Redis
+/// answers `NOT_POSITIVE` for a count that is no integer too.
 pub fn count_arg(arg: Option<&Vec<u8>>) -> Result<Option<u64>, &'static str> {
     match arg {
         None => Ok(None),
         Some(c) => match parse_i64(c) {
             Some(n) if n >= 0 => Ok(Some(n as u64)),
-            Some(_) => Err(NOT_POSITIVE),
-            None => Err(NOT_INTEGER),
+            _ => Err(NOT_POSITIVE),
         },
     }
 }

@@ -1,8 +1,8 @@
 //! Set commands: SADD, SREM, SMEMBERS, SISMEMBER, SCARD, SPOP, SSCAN.
 
-use super::keys::write_page;
-use super::{count_arg, scan_opts, Call, Flow, SYNTAX, WRONGTYPE};
-use crate::services::kv::db::{glob_match, scan_members, Set, Value, WrongType};
+use super::keys::scan_container;
+use super::{count_arg, Call, Flow, SYNTAX, WRONGTYPE};
+use crate::services::kv::db::{Set, Value, WrongType};
 use crate::services::kv::Kv;
 
 pub fn sadd(kv: &mut Kv, c: &mut Call) -> Flow {
@@ -134,33 +134,5 @@ pub fn spop(kv: &mut Kv, c: &mut Call) -> Flow {
 
 /// `SSCAN key cursor [MATCH pattern] [COUNT count]`.
 pub fn sscan(kv: &mut Kv, c: &mut Call) -> Flow {
-    let (cursor, opts) = match scan_opts(&c.args[2], &c.args[3..], false) {
-        Ok(v) => v,
-        Err(e) => {
-            c.out.err(e);
-            return Flow::Continue;
-        }
-    };
-    let set = match kv.db.get_set(&c.args[1]) {
-        Err(WrongType) => {
-            c.out.err(WRONGTYPE);
-            return Flow::Continue;
-        }
-        Ok(None) => {
-            write_page(c, 0, &[]);
-            return Flow::Continue;
-        }
-        Ok(Some(s)) => s,
-    };
-    let (next, page) = scan_members(set.iter(), cursor, opts.count);
-    let items: Vec<&Vec<u8>> = page
-        .into_iter()
-        .filter(|m| {
-            opts.pattern
-                .as_ref()
-                .is_none_or(|p| glob_match(p, m, false))
-        })
-        .collect();
-    write_page(c, next, &items);
-    Flow::Continue
+    scan_container::<Set>(kv, c)
 }
