@@ -29,12 +29,15 @@ JSON lines (--json):
     \"first_reply_after_switch_ms_max\",\"connections_not_recovered\",
     \"ops_per_s_before\",\"ops_per_s_during\",\"ops_per_s_after\",
     \"latency_ms_p50\",\"latency_ms_p99\"}
-  overhead: one line per pipeline depth: {\"bench\":\"overhead\",\"pipeline\",
+  overhead: one line per pipeline depth, and one with 1 connection at
+    pipeline 1: {\"bench\":\"overhead\",\"pipeline\",
     \"connections\",\"keys_per_connection\",\"duration_s\",\"repeats\",\"plain_ops_per_s\",
     \"baton_ops_per_s\",\"ops_ratio\",\"plain_latency_ms_p50\",
     \"plain_latency_ms_p99\",\"baton_latency_ms_p50\",\"baton_latency_ms_p99\",
     \"latency_p50_ratio\",\"latency_p99_ratio\",\"plain_client_errors\",
-    \"baton_client_errors\"}   (ratios: baton / plain)
+    \"baton_client_errors\",\"replicated_ops_per_s\",\"replicated_ops_ratio\",
+    \"replicated_latency_ms_p50\",\"replicated_latency_ms_p99\",
+    \"replicated_client_errors\"}   (ratios: baton or replicated / plain)
 
 Windows of a relocate run of D seconds: warm-up [0, 0.1D) not counted,
 before [0.1D, 0.4D), switch at 0.4D, during [0.4D, 0.4D + min(2 s, 0.2D)),
@@ -45,7 +48,7 @@ holds the VIP. keys_lost: distinct acknowledged keys a read (GET during the
 run or the final read-back) found missing or older than acknowledged.
 resets: the kernel counters (RSTs sent, established connections reset,
 aborts) of the system's own client host (client1 baton, client2
-keepalived, client3 plain), from before connecting to before the
+keepalived, client3 plain, client4 replicated), from before connecting to before the
 workload's own close. client_errors: broken connections, failed connects, error
 replies. Times in ms, rates per second.";
 
@@ -162,8 +165,11 @@ enum BenchCommand {
     /// Steady-state cost of the baton runtime vs a plain server.
     ///
     /// The steady-state cost of the baton runtime: the same workload
-    /// against the kv code as a plain server and under `baton node` on one
-    /// node: ops/s, latency p50/p99 and their ratios.
+    /// against the kv code as a plain server, under `baton node` (served on
+    /// node1), and replicated through the log on three nodes (primary on
+    /// node1, peer authentication on): ops/s, latency p50/p99 and their
+    /// ratios to the plain server's, per pipeline depth, plus one row with a
+    /// single connection at pipeline 1.
     Overhead(SizeArgs),
 }
 

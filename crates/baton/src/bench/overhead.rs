@@ -104,8 +104,11 @@ pub fn run(sizes: Sizes, json_out: bool, out: Option<PathBuf>) -> Result<i32> {
     let lab = Lab::create(&Lab::unique_name("bov"), 3, 4)?;
     let systems = [System::Plain, System::Baton, System::Replicated];
     // (pipeline, connections): every depth asked for, then one connection.
-    let mut shapes: Vec<(usize, usize)> =
-        sizes.pipelines.iter().map(|p| (*p, sizes.connections)).collect();
+    let mut shapes: Vec<(usize, usize)> = sizes
+        .pipelines
+        .iter()
+        .map(|p| (*p, sizes.connections))
+        .collect();
     if sizes.connections > 1 {
         shapes.push((1, 1));
     }
@@ -130,7 +133,10 @@ pub fn run(sizes: Sizes, json_out: bool, out: Option<PathBuf>) -> Result<i32> {
                 ));
                 runs.push(
                     one(&lab, &bin, system, (pipeline, conns), &sizes).with_context(|| {
-                        format!("{} (pipeline {pipeline}, {conns} connections)", system.name())
+                        format!(
+                            "{} (pipeline {pipeline}, {conns} connections)",
+                            system.name()
+                        )
                     })?,
                 );
                 progress.done();
@@ -192,7 +198,12 @@ pub fn run(sizes: Sizes, json_out: bool, out: Option<PathBuf>) -> Result<i32> {
     super::emit(
         &lines,
         json_out,
-        |l| format!("pipeline {}, {} connections", l["pipeline"], l["connections"]),
+        |l| {
+            format!(
+                "pipeline {}, {} connections",
+                l["pipeline"], l["connections"]
+            )
+        },
         &KEYS[6..],
     );
     if let Some(dir) = out {
