@@ -463,6 +463,8 @@ pub fn list_rules() -> Result<Vec<String>, HoldError> {
 
 enum Cmd {
     Accept(mpsc::Sender<Result<usize, io::Error>>),
+    /// Accept what is held, and from then on every packet as it is read.
+    Pass(mpsc::Sender<Result<usize, io::Error>>),
     Drop(mpsc::Sender<Result<Vec<Vec<u8>>, io::Error>>),
     Stop,
 }
@@ -521,6 +523,8 @@ struct Reader {
     /// First read error since the last command (reported with it).
     error: Option<io::Error>,
     batch: Vec<Packet>,
+    /// Every packet is accepted as soon as it is read (the hold is ending).
+    passing: bool,
 }
 
 /// Waits until the queue or the wake descriptor is readable (no timeout);
@@ -608,6 +612,11 @@ impl Reader {
                 let _ = reply.send(self.verdict_all(Verdict::Accept, false).map(|(n, _)| n));
                 true
             }
+            Cmd::Pass(reply) => {
+                self.passing = true;
+                let _ = reply.send(self.verdict_all(Verdict::Accept, false).map(|(n, _)| n));
+                true
+            }
             Cmd::Drop(reply) => {
                 let _ = reply.send(self.verdict_all(Verdict::Drop, true).map(|(_, b)| b));
                 true
@@ -622,6 +631,11 @@ impl Reader {
             wait_for(self.queue.as_fd(), self.wake.0.as_fd(), backoff);
             self.wake.clear();
             backoff = self.drain();
+            if self.passing && !self.held.is_empty() {
+                if let Err(e) = self.verdict_all(Verdict::Accept, false) {
+                    tracing::warn!(error = %e, "accepting packets while the hold ends");
+                }
+            }
             loop {
                 match commands.try_recv() {
                     Ok(cmd) => {
@@ -795,6 +809,7 @@ impl HoldQueue {
             wake: Arc::clone(&wake),
             error: None,
             batch: Vec::new(),
+            passing: false,
         };
         let thread = std::thread::Builder::new()
             .name(format!("hold-q{queue_num}"))
@@ -1169,10 +1184,13 @@ impl Hold {
     }
 
     /// Lets the VIP's sockets send again (a rollback, before the frozen
-    /// sockets resume); the incoming traffic stays held.
+    /// sockets resume); the incoming traffic stays held. If removing them
+    /// fails, the hold keeps them and tries again when it
+    /// ends: forgotten, they would silence the VIP's sockets for ever.
     pub fn unsilence(&mut self) -> Result<(), HoldError> {
-        let silence = std::mem::take(&mut self.silence);
-        delete_rules(self.tool, &silence, Some(&self.queue.netns))
+        delete_rules(self.tool, &self.silence, Some(&self.queue.netns))?;
+        self.silence.clear();
+        Ok(())
     }
 
     /// Whether the VIP's sockets are silenced.
@@ -1180,15 +1198,27 @@ impl Hold {
         !self.silence.is_empty()
     }
 
-    /// Ends the hold letting the traffic in: removes the rules, then accepts
-    /// everything still held (arrival order), then closes the queue. Returns
-    /// how many packets it accepted. Target after thaw; source on rollback.
+    /// Ends the hold letting the traffic in, in arrival order: accepts
+    /// everything held while the rules are still in, then every packet as
+    /// it comes while they are removed, then what is left, and closes the
+    /// queue. Returns how many packets it accepted. Target after thaw;
+    /// source on rollback.
+    ///
+    /// Removing the rules first would let segments that arrive once they
+    /// are gone reach TCP before those still held: a client answering the
+    /// first segments let in overtakes its own older ones, which then fail
+    /// the PAWS check (their timestamps are older) and are dropped, to be
+    /// sent again when the client's (backed-off) retransmission timer
+    /// fires.
     pub fn release(mut self) -> Result<usize, HoldError> {
+        let passed = self
+            .queue
+            .ask(Cmd::Pass, "accept the held packets", self.vip);
         let removed = self.remove_rules();
         let accepted = self.accept_all();
         drop(self);
         removed?;
-        accepted
+        Ok(passed? + accepted?)
     }
 
     /// Ends the hold fail-closed: removes the rules, then drops everything

@@ -714,6 +714,13 @@ async fn roll_back_with(
     error: MoveError,
 ) -> MoveFailure {
     tracing::warn!(vip = %vip.addr, error = %error, "move failed; the source keeps serving");
+    // The VIP first: held packets are for it, and the sockets' window
+    // probes need it as their source address (after Commit it was
+    // released; a probe sent without it is lost, and the client's answer
+    // with it, which is what makes a socket send what the silence kept).
+    if let Err(e) = vip::take(&cfg.spec(vip), cfg.announce).await {
+        tracing::error!(error = %e, "re-announcing the VIP on rollback");
+    }
     // The sockets' first words after the freeze (a window probe) must go out.
     if let Err(e) = hold.unsilence() {
         tracing::error!(error = %e, "letting the VIP's sockets send again on rollback");
@@ -724,10 +731,6 @@ async fn roll_back_with(
             tracing::error!(id = p.id, error = %e, "cannot resume a frozen connection");
         }
         kept.push(p);
-    }
-    // The VIP first: held packets are for it, and the sockets need it.
-    if let Err(e) = vip::take(&cfg.spec(vip), cfg.announce).await {
-        tracing::error!(error = %e, "re-announcing the VIP on rollback");
     }
     reinject(taken);
     if let Err(e) = hold.release() {

@@ -386,9 +386,19 @@ fn a_target_that_dies_mid_move_leaves_the_source_serving() {
             .unwrap();
         drop(control);
     });
+    let source_before = lab.tcp_counters("node1").unwrap();
     let err = agents[0].move_to(dying_target, &vip).unwrap_err();
     killer.join().unwrap();
     assert!(!err.is_empty());
+    // The held segments went in before anything newer from the client:
+    // none failed the source's PAWS check (each would wait for the
+    // client's retransmission timer, backed off by the freeze).
+    let source_after = lab.tcp_counters("node1").unwrap();
+    assert_eq!(
+        source_after.paws_drops_since(&source_before),
+        0,
+        "held segments dropped by PAWS at the source after the rollback"
+    );
 
     // A target that is down: refused at once, nothing changes.
     let node3 = lab.host("node3").unwrap().ipv4;
