@@ -87,7 +87,7 @@ pub struct MoveSummary {
 
 /// Frame magic of peer queries and replies.
 pub const PEER_MAGIC: [u8; 4] = *b"BTPQ";
-pub const PEER_VERSION: u16 = 2;
+pub const PEER_VERSION: u16 = 3;
 
 /// What one node asks another.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -211,5 +211,29 @@ mod tests {
         let s = serde_json::to_string(&r).unwrap();
         assert_eq!(s, r#"{"op":"move","service":"kv","to":"node2"}"#);
         assert!(serde_json::from_str::<ControlRequest>(r#"{"op":"explode"}"#).is_err());
+    }
+
+    /// Peer messages are a compact binary frame: every field goes on the
+    /// wire, absent ones too, or a peer cannot read them back.
+    #[test]
+    fn log_statuses_cross_the_peer_wire() {
+        let replicated = crate::service_log::LogStatus {
+            raft_id: 7,
+            role: "clone".into(),
+            raft_role: "follower".into(),
+            leader: Some("node1".into()),
+            state_digest: Some("ab".repeat(32)),
+            stream_mismatches: Some(0),
+            malformed_dropped: Some(3),
+            ..Default::default()
+        };
+        let plain = crate::service_log::LogStatus {
+            role: "standby".into(),
+            ..Default::default()
+        };
+        let reply = PeerReply::LogStatus(vec![("kv".into(), replicated), ("echo".into(), plain)]);
+        let bytes = wire::encode(PEER_MAGIC, PEER_VERSION, &reply);
+        let back: PeerReply = wire::decode(PEER_MAGIC, PEER_VERSION, &bytes).unwrap();
+        assert_eq!(format!("{back:?}"), format!("{reply:?}"));
     }
 }

@@ -83,15 +83,12 @@ pub struct LogStatus {
     pub commit_index: u64,
     pub applied_index: u64,
     /// A replicated service's state digest at `applied_index` (hex).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_digest: Option<String>,
     /// A replicated service's primary: client bytes its kernel handed up
     /// that differ from the log's (0 unless something is badly wrong).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_mismatches: Option<u64>,
     /// A replicated service's primary: captured segments dropped as
     /// malformed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub malformed_dropped: Option<u64>,
     /// Members' node names.
     pub voters: Vec<String>,

@@ -172,7 +172,12 @@ fn overhead_runs_and_prints_json() {
         Duration::from_secs(60),
     );
     let lines = json_lines(&out);
-    assert_eq!(lines.len(), 1, "one line per pipeline depth: {out}");
+    assert_eq!(
+        lines.len(),
+        2,
+        "one line per pipeline depth, and one with a single connection: {out}"
+    );
+    assert_eq!(lines[1]["connections"], 1, "{out}");
     let line = &lines[0];
     assert_eq!(line["bench"], "overhead");
     has_keys(
@@ -193,8 +198,17 @@ fn overhead_runs_and_prints_json() {
             "latency_p99_ratio",
             "plain_client_errors",
             "baton_client_errors",
+            "replicated_ops_per_s",
+            "replicated_ops_ratio",
+            "replicated_latency_ms_p50",
+            "replicated_latency_ms_p99",
+            "replicated_client_errors",
         ],
     );
-    assert!(line["plain_ops_per_s"].as_f64().unwrap() > 0.0, "{line}");
-    assert!(line["baton_ops_per_s"].as_f64().unwrap() > 0.0, "{line}");
+    for l in &lines {
+        for key in ["plain_ops_per_s", "baton_ops_per_s", "replicated_ops_per_s"] {
+            assert!(l[key].as_f64().unwrap() > 0.0, "{key}: {l}");
+        }
+        assert_eq!(l["replicated_client_errors"], 0.0, "{l}");
+    }
 }

@@ -778,6 +778,12 @@ fn capture_drops_malformed_and_accepts_pure_acks_at_once() {
     assert_eq!(cap.counters().malformed, 2);
     assert!(cap.poll_proposals(true).is_empty());
 
+    // A node that does not serve drops even a good segment, unread.
+    cap.handle_refused(6);
+    assert_eq!(cap.poll_verdicts(), vec![(6, Verdict::Drop)]);
+    assert_eq!(cap.counters().refused, 1);
+    assert!(cap.poll_proposals(true).is_empty());
+
     // Pure ACKs pass at once and coalesce: the newest wins, a reordered
     // older one does not undo it.
     cap.handle_captured(3, &pure_ack_packet(&c, 100, 10), TcpChecksum::Verify);

@@ -59,6 +59,8 @@ pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
 pub const CHECKPOINT_BYTES: u64 = 64 << 20;
 /// Packets read from the queue before they are proposed together.
 const CAPTURE_BATCH: usize = 256;
+/// Committed entries applied before their verdicts are sent.
+const EVENT_BATCH: usize = 256;
 
 /// A service's role on this node, as `ctl status` shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -308,9 +310,20 @@ impl Loop {
                 biased;
                 event = events.recv() => match event {
                     Some(event) => {
-                        if !self.on_event(event, queue.get_mut()).await {
-                            return;
+                        // What committed together is applied together, and
+                        // its packets get their verdicts in one send.
+                        let mut next = Some(event);
+                        let mut applied = 0;
+                        while let Some(event) = next.take() {
+                            if !self.on_event(event, queue.get_mut()).await {
+                                return;
+                            }
+                            applied += 1;
+                            if applied < EVENT_BATCH {
+                                next = events.try_recv().ok();
+                            }
                         }
+                        self.flush_verdicts(queue.get_mut());
                     }
                     None => return,
                 },
@@ -384,12 +397,10 @@ impl Loop {
                 }
                 self.perform().await;
                 self.capture.handle_commit(c.index);
-                self.flush_verdicts(queue);
             }
             Event::Membership { index, .. } => {
                 let _ = self.replica.handle_skipped(index, false);
                 self.capture.handle_commit(index);
-                self.flush_verdicts(queue);
             }
             Event::Snapshot { index, data, .. } => self.on_snapshot(index, &data),
             Event::Leader(l) => {
