@@ -370,6 +370,18 @@ fn tcp_info(fd: BorrowedFd) -> Result<TcpInfoHead, RepairError> {
     Ok(info)
 }
 
+/// The peer's MSS: in repair mode TCP_MAXSEG reports the MSS clamp, not
+/// the current segment size.
+fn peer_mss(fd: BorrowedFd) -> Result<u16, RepairError> {
+    let (mss, _) = getsockopt_raw::<c_int>(
+        fd,
+        libc::SOL_TCP,
+        libc::TCP_MAXSEG,
+        "getsockopt(TCP_MAXSEG)",
+    )?;
+    Ok(mss.clamp(0, u16::MAX as c_int) as u16)
+}
+
 /// Kernel state of a socket's queues, read twice around the queue copies
 /// so a freeze only returns a consistent snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -540,17 +552,10 @@ fn freeze_in_repair(fd: BorrowedFd) -> Result<TcpConnState, RepairError> {
             .wrapping_sub(state.fin_received() as u32)
             .wrapping_sub(unread_len);
 
-        let (mss, _) = getsockopt_raw::<c_int>(
-            fd,
-            libc::SOL_TCP,
-            libc::TCP_MAXSEG,
-            "getsockopt(TCP_MAXSEG)",
-        )?;
+        let mss = peer_mss(fd)?;
         let opts = before.info.options;
         let options = TcpOptions {
-            // In repair mode TCP_MAXSEG reports the MSS clamp (the peer's
-            // MSS), not the current segment size.
-            mss: mss.clamp(0, u16::MAX as c_int) as u16,
+            mss,
             window_scale: (opts & TCPI_OPT_WSCALE != 0).then(|| {
                 let (snd, rcv) = before.info.wscale();
                 WindowScale { snd, rcv }
@@ -658,14 +663,7 @@ pub fn handshake(fd: BorrowedFd) -> Result<Handshake, RepairError> {
             TCP_TIMESTAMP,
             "getsockopt(TCP_TIMESTAMP)",
         )?;
-        // In repair mode: the MSS clamp, the peer's MSS.
-        let (mss, _) = getsockopt_raw::<c_int>(
-            fd,
-            libc::SOL_TCP,
-            libc::TCP_MAXSEG,
-            "getsockopt(TCP_MAXSEG)",
-        )?;
-        Ok::<_, RepairError>((snap, ts_clock, mss))
+        Ok::<_, RepairError>((snap, ts_clock, peer_mss(fd)?))
     })();
     let leave = set_repair(fd, TCP_REPAIR_OFF_NO_WP).and_then(|()| set_reuseaddr(fd));
     let (snap, ts_clock, mss) = read?;
@@ -675,7 +673,7 @@ pub fn handshake(fd: BorrowedFd) -> Result<Handshake, RepairError> {
         // Our SYN-ACK took one sequence number; unsent or unacked data (none
         // before the first write) came after it.
         isn: snap.write_seq.wrapping_sub(snap.outq).wrapping_sub(1),
-        mss: mss.clamp(0, u16::MAX as c_int) as u16,
+        mss,
         wscale: (opts & TCPI_OPT_WSCALE != 0).then(|| snap.info.wscale().1),
         sack: opts & TCPI_OPT_SACK != 0,
         timestamps: opts & TCPI_OPT_TIMESTAMPS != 0,

@@ -304,14 +304,7 @@ impl<S: Service> Replica<S> {
         index: u64,
         entry: &ReplicaEntry,
     ) -> Result<(), ReplicaError> {
-        let expected = self.state.applied_index + 1;
-        if index < expected {
-            return Err(ReplicaError::OutOfOrder {
-                expected,
-                got: index,
-            });
-        }
-        self.state.applied_index = index;
+        self.advance_to(index)?;
         match entry {
             ReplicaEntry::Segment(s) => self.on_segment(s),
             ReplicaEntry::Established(e) => self.on_established(e),
@@ -332,6 +325,15 @@ impl<S: Service> Replica<S> {
     /// log's own entries, or data that is no replica entry: counted): it
     /// still counts as applied, so every replica reports the same index.
     pub fn handle_skipped(&mut self, index: u64, undecodable: bool) -> Result<(), ReplicaError> {
+        self.advance_to(index)?;
+        if undecodable {
+            self.state.counters.undecodable_entries += 1;
+        }
+        Ok(())
+    }
+
+    /// Entries apply in log order: `index` must come after the last one.
+    fn advance_to(&mut self, index: u64) -> Result<(), ReplicaError> {
         let expected = self.state.applied_index + 1;
         if index < expected {
             return Err(ReplicaError::OutOfOrder {
@@ -340,9 +342,6 @@ impl<S: Service> Replica<S> {
             });
         }
         self.state.applied_index = index;
-        if undecodable {
-            self.state.counters.undecodable_entries += 1;
-        }
         Ok(())
     }
 
