@@ -26,6 +26,8 @@ use std::net::{IpAddr, SocketAddr, SocketAddrV4, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
+use baton_core::packet::ConnKey;
+use baton_core::replica::Established;
 use baton_core::tcp_state::{
     InvalidState, RepairWindow, SocketOptions, TcpConnState, TcpOptions, TcpState, WindowScale,
 };
@@ -633,27 +635,12 @@ fn freeze_in_repair(fd: BorrowedFd) -> Result<TcpConnState, RepairError> {
     })
 }
 
-/// Our side of a connection's handshake, as the kernel settled it: what
-/// a replicated service logs when its primary accepts a connection, since
-/// no other node saw the SYN-ACK.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Handshake {
-    /// Our initial sequence number.
-    pub isn: u32,
-    /// The peer's MSS (what a socket rebuilt for it needs).
-    pub mss: u16,
-    /// The window scale we announced, if both sides use scaling.
-    pub wscale: Option<u8>,
-    pub sack: bool,
-    pub timestamps: bool,
-    /// Our TCP timestamp clock now (`TCP_TIMESTAMP`).
-    pub ts_clock: u32,
-}
-
-/// Reads a freshly accepted socket's [`Handshake`], before anything is
-/// written to it: repair mode for a few reads, then left without a window
+/// Our side of a freshly accepted connection's handshake, as the kernel
+/// settled it (what a replicated service logs: no other node saw the
+/// SYN-ACK), for connection `conn`. Read before anything is written to
+/// the socket: repair mode for a few reads, then left without a window
 /// probe (nothing changed, so the peer needs nothing).
-pub fn handshake(fd: BorrowedFd) -> Result<Handshake, RepairError> {
+pub fn handshake(fd: BorrowedFd, conn: ConnKey) -> Result<Established, RepairError> {
     set_repair(fd, TCP_REPAIR_ON)?;
     let read = (|| {
         let snap = snapshot(fd)?;
@@ -669,7 +656,8 @@ pub fn handshake(fd: BorrowedFd) -> Result<Handshake, RepairError> {
     let (snap, ts_clock, mss) = read?;
     leave?;
     let opts = snap.info.options;
-    Ok(Handshake {
+    Ok(Established {
+        conn,
         // Our SYN-ACK took one sequence number; unsent or unacked data (none
         // before the first write) came after it.
         isn: snap.write_seq.wrapping_sub(snap.outq).wrapping_sub(1),

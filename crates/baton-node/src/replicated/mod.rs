@@ -34,7 +34,7 @@ use std::time::Duration;
 use baton_core::packet::{ConnKey, TcpChecksum};
 use baton_core::relocation::Vip;
 use baton_core::replica::{
-    Action, Capture, Established, PacketId, Proposal, Replica, ReplicaEntry, Tick, Verdict,
+    Action, Capture, PacketId, Proposal, Replica, ReplicaEntry, Tick, Verdict,
 };
 use baton_core::service::{CloseReason, ConnId, Context, RestoreError, Service, TimerId};
 use baton_net::hold::CaptureRules;
@@ -699,8 +699,8 @@ impl Loop {
             client: plain(peer),
             server: plain(local),
         };
-        let hs = match baton_net::repair::handshake(stream.as_fd()) {
-            Ok(hs) => hs,
+        let established = match baton_net::repair::handshake(stream.as_fd(), conn) {
+            Ok(e) => e,
             Err(e) => {
                 tracing::warn!(service = %self.cfg.name, client = %conn.client, error = %e, "reading an accepted connection's handshake; resetting it");
                 let _ = baton_net::listen::reset_on_close(stream.as_fd());
@@ -710,15 +710,7 @@ impl Loop {
         self.accepted.insert(conn, stream);
         self.submit(vec![Proposal {
             packet_ids: Vec::new(),
-            entry: ReplicaEntry::Established(Established {
-                conn,
-                isn: hs.isn,
-                mss: hs.mss,
-                wscale: hs.wscale,
-                sack: hs.sack,
-                timestamps: hs.timestamps,
-                ts_clock: hs.ts_clock,
-            }),
+            entry: ReplicaEntry::Established(established),
         }]);
     }
 
