@@ -10,15 +10,16 @@ use super::entry::{AckState, ClientSegment, Established, OutputDigest, ReplicaEn
 use super::output::{DigestAt, OutputStream};
 use super::{AbortReason, Action, ReplicaError};
 use crate::log::{Applier, Event as ServiceEvent, LogEntry};
-use crate::packet::{self, ConnKey, Segment, TcpFlags, TcpOptions};
+use crate::packet::{self, ConnKey, Segment, TcpFlags};
 use crate::service::{CloseReason, ConnId, Output, RestoreError, Service};
 use crate::tcp::reassembly::{ClientSyn, Event as StreamEvent, Reassembler, ServerParams};
+use crate::tcp_state::{TcpOptions as Negotiated, WindowScale, MAX_WSCALE};
 use crate::wire;
 
 /// Frame magic of replica checkpoints.
 pub const SNAPSHOT_MAGIC: [u8; 4] = *b"BTRS";
 /// Version of the checkpoint format.
-pub const SNAPSHOT_VERSION: u16 = 1;
+pub const SNAPSHOT_VERSION: u16 = 2;
 
 /// Least output retained per connection before its input pauses.
 pub const OUTPUT_FLOOR: u64 = 256 * 1024;
@@ -96,6 +97,9 @@ struct Pending {
 pub struct ReplicaConn {
     id: ConnId,
     established: Established,
+    /// What the handshake settled, both sides' offers together: a socket
+    /// rebuilt for the connection must be told.
+    negotiated: Negotiated,
     /// The log's time when the established entry was applied: the pair
     /// (`established.ts_clock`, this) fixes the primary's TCP clock.
     established_at_ms: u64,
@@ -140,6 +144,34 @@ impl ReplicaConn {
     /// Client bytes the service has not been given yet.
     pub fn held_bytes(&self) -> u64 {
         self.held_bytes
+    }
+
+    /// The held client bytes, in order: what the primary's kernel still
+    /// has in its receive queue (it reads only what the service consumed).
+    pub fn unread(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.held_bytes as usize);
+        for h in &self.held {
+            if let Held::Data(b) = h {
+                out.extend_from_slice(b);
+            }
+        }
+        out
+    }
+
+    /// The handshake's outcome: MSS, window scales, SACK, timestamps.
+    pub fn negotiated(&self) -> Negotiated {
+        self.negotiated
+    }
+
+    /// The service closed or shut down its direction: our FIN follows the
+    /// output.
+    pub fn fin_queued(&self) -> bool {
+        self.fin_queued
+    }
+
+    /// The service closed the connection whole (not only its direction).
+    pub fn fully_closed(&self) -> bool {
+        self.stream.fully_closed()
     }
 
     /// Retained output at which this connection's input pauses:
@@ -417,11 +449,24 @@ impl<S: Service> Replica<S> {
             max_window: 65_535u32 << scale,
         };
         let stream = Reassembler::new(&pending.syn, &server, now);
+        let negotiated = Negotiated {
+            mss: e.mss,
+            window_scale: match (pending.syn.wscale, e.wscale) {
+                (Some(theirs), Some(ours)) => Some(WindowScale {
+                    snd: theirs.min(MAX_WSCALE),
+                    rcv: ours.min(MAX_WSCALE),
+                }),
+                _ => None,
+            },
+            sack_permitted: e.sack && pending.syn.sack_permitted,
+            timestamps: e.timestamps && pending.syn.timestamp.is_some(),
+        };
         let id = self.state.next_conn_id;
         self.state.next_conn_id += 1;
         let conn = ReplicaConn {
             id,
             established: *e,
+            negotiated,
             established_at_ms: now,
             snd_una: stream.client().snd_una,
             stream,
@@ -704,7 +749,7 @@ impl<S: Service> Replica<S> {
 
 /// The segment a coalesced pure ACK stands for.
 fn ack_segment(a: &AckState) -> Segment<'static> {
-    let mut options = TcpOptions::default();
+    let mut options = packet::TcpOptions::default();
     options.timestamp = a.timestamp;
     Segment {
         conn: a.conn,

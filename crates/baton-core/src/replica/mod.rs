@@ -10,7 +10,9 @@
 //!   and the service (through [`crate::log::Applier`]) consumes it;
 //! - [`output`]: each connection's output from the client's latest
 //!   acknowledged byte on, with its running digest;
-//! - [`digest`]: the hashes (output digests, [`Replica::state_digest`]).
+//! - [`digest`]: the hashes (output digests, [`Replica::state_digest`]);
+//! - [`takeover`]: each open connection's TCP state computed from the log,
+//!   for a new primary to rebuild its sockets.
 //!
 //! Output retention: a replica keeps each connection's output from the
 //! client's latest acknowledged byte (the ACK numbers of committed segments
@@ -33,6 +35,7 @@ pub mod capture;
 pub mod digest;
 pub mod entry;
 pub mod output;
+pub mod takeover;
 
 #[cfg(test)]
 mod tests;

@@ -462,6 +462,7 @@ fn check_run(seed: u64, streams: &[Vec<u8>], cut: u64) {
     replay(&mut a, &p.log, 0).truncate(0);
     let mut head = Replica::new(Probe::default());
     replay(&mut head, &p.log[..k], 0);
+    check_takeover_states(&head);
     let snap = head.checkpoint();
     let mut restored = Replica::<Probe>::restore(&snap).unwrap();
     assert_eq!(restored.applied_index(), k as u64);
@@ -944,4 +945,99 @@ proptest! {
         let mut r = Replica::new(Probe::default());
         r.handle_committed(1, &ReplicaEntry::Segment(ClientSegment { packet: bytes, verify_checksum: false })).unwrap();
     }
+}
+
+/// Every open connection of `r` has a takeover state a kernel takes, and
+/// it matches the replica's view of the streams.
+fn check_takeover_states(r: &Replica<Probe>) {
+    for (k, c) in r.connections() {
+        let Some(st) = takeover::conn_state(k, c, r.now_ms() + 500, 100) else {
+            assert!(c.stream().fin_received() && c.fin_queued());
+            continue;
+        };
+        st.validate().unwrap();
+        assert_eq!(st.rcv_nxt(), c.stream().rcv_nxt());
+        let e = c.established();
+        assert_eq!(
+            st.snd_nxt(),
+            e.isn.wrapping_add(1).wrapping_add(c.output().sent() as u32)
+        );
+        assert_eq!(st.unacked.len() as u64, c.output().unacked());
+        assert_eq!(st.unread.len() as u64, c.held_bytes());
+        assert_eq!(st.state.fin_received(), c.stream().fin_received());
+        assert_eq!(st.state.fin_sent(), c.fin_queued());
+        assert_eq!((st.local, st.remote), (k.server, k.client));
+    }
+}
+
+#[test]
+fn takeover_state_follows_the_log() {
+    let (mut p, c) = open_one(Some(WSCALE));
+    let isn1 = server_isn(0).wrapping_add(1);
+    p.packet(&data_packet(&c, 0, b"hello", isn1), false);
+    // The probe echoed it; the client acknowledges two bytes of the echo.
+    p.packet(&data_packet(&c, 5, b"", isn1.wrapping_add(2)), true);
+    let conn = p.replica.connection(&c.key).unwrap();
+    let st = takeover::conn_state(&c.key, conn, 2_000, 150).unwrap();
+    st.validate().unwrap();
+    assert_eq!(st.state, crate::tcp_state::TcpState::Established);
+    assert_eq!(st.send_seq, isn1.wrapping_add(2));
+    assert_eq!(st.unacked, b"llo");
+    assert!(st.unsent.is_empty() && st.unread.is_empty());
+    assert_eq!(st.recv_seq, c.seq(5));
+    let ws = st.options.window_scale.unwrap();
+    assert_eq!((ws.snd, ws.rcv), (WSCALE, WSCALE));
+    assert!(!st.options.timestamps && !st.options.sack_permitted);
+    // Established at log time 1000 with clock 1 (microsecond flag):
+    // 1000 ms later plus the margin, in microseconds.
+    assert_eq!(st.timestamp, 1 + 1_150_000);
+    assert_eq!(st.window.rcv_wup, st.rcv_nxt());
+
+    // The client finishes: the probe closes; both FINs in flight.
+    let fin = Builder::new(c.key)
+        .seq(c.seq(5))
+        .ack(isn1.wrapping_add(5))
+        .window(65_535)
+        .flags(TcpFlags::FIN)
+        .build();
+    p.packet(&fin, false);
+    let conn = p.replica.connection(&c.key).unwrap();
+    let st = takeover::conn_state(&c.key, conn, 2_000, 150).unwrap();
+    assert_eq!(st.state, crate::tcp_state::TcpState::LastAck);
+    assert_eq!(st.rcv_nxt(), c.seq(6));
+    st.validate().unwrap();
+}
+
+#[test]
+fn takeover_state_carries_input_the_service_has_not_taken() {
+    // An unscaled client window: the output limit is at its floor, and the
+    // probe's echo, never acknowledged, reaches it.
+    let (mut p, c) = open_one(None);
+    let isn1 = server_isn(0).wrapping_add(1);
+    let chunk = vec![7u8; 1000];
+    let total = OUTPUT_FLOOR as usize + 5_000;
+    let mut off = 0;
+    while off < total {
+        p.packet(&data_packet(&c, off as u32, &chunk, isn1), false);
+        off += chunk.len();
+    }
+    let conn = p.replica.connection(&c.key).unwrap();
+    assert!(conn.held_bytes() > 0);
+    let st = takeover::conn_state(&c.key, conn, 2_000, 150).unwrap();
+    st.validate().unwrap();
+    assert_eq!(st.unread.len() as u64, conn.held_bytes());
+    assert_eq!(st.recv_seq, c.seq((off - st.unread.len()) as u32));
+    assert_eq!(st.unacked.len() as u64, conn.output().unacked());
+}
+
+#[test]
+fn the_timestamp_clock_goes_forward_and_keeps_its_flag() {
+    use takeover::timestamp_clock;
+    // Milliseconds (flag clear), across the wrap.
+    assert_eq!(timestamp_clock(0xFFFF_FFF0, 100, 150, 10), 0x2C);
+    assert_eq!(timestamp_clock(1000, 100, 150, 10), 1060);
+    // Microseconds (flag set).
+    assert_eq!(timestamp_clock(1001, 100, 150, 10), 1001 + 60_000);
+    // A clock read after "now" (skew) still moves by the margin.
+    assert_eq!(timestamp_clock(1000, 200, 150, 10), 1010);
 }

@@ -336,6 +336,11 @@ impl Reassembler {
         self.fin_received
     }
 
+    /// The service closed both directions (not only its own).
+    pub fn fully_closed(&self) -> bool {
+        self.full_close
+    }
+
     pub fn is_reset(&self) -> bool {
         self.reset
     }
