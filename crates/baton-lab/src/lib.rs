@@ -555,12 +555,46 @@ impl Lab {
         }
     }
 
-    /// Power loss of `host`: every process in it is killed and its link goes
-    /// down. `fault(host, LinkUp)` brings the link back.
+    /// Power loss of `host`, in the order that lets nothing escape: its
+    /// link goes down first, then every process in it is killed, then its
+    /// TCP sockets and its extra addresses (VIPs) are cleared, as a reboot
+    /// would. (Killed first, its kernel would send the FINs and RSTs of the
+    /// dead processes' sockets; and orphaned sockets or a VIP left behind
+    /// would speak again on link-up.) `fault(host, LinkUp)` brings the
+    /// link back, to a host with its own addresses only.
     pub fn crash(&self, host: &str) -> Result<(), LabError> {
         let h = self.host(host)?;
+        self.fault(host, Fault::LinkDown)?;
         kill_all_in(&h.netns);
-        self.fault(host, Fault::LinkDown)
+        // SOCK_DESTROY of every TCP socket, orphans and TIME_WAIT included;
+        // the link is down, so any RST it sends goes nowhere.
+        let ss = baton_net::netns::command_in(&h.netns, "ss")
+            .args(["-K", "-t", "-a"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+        if let Err(e) = ss {
+            tracing::warn!(host, error = %e, "clearing a crashed host's sockets");
+        }
+        let own = [h.ipv4.to_string(), h.ipv6.to_string()];
+        for link in ip_json(&["-n", &h.netns, "addr", "show"])? {
+            let Some(dev) = link.get("ifname").and_then(|d| d.as_str()) else {
+                continue;
+            };
+            let infos = link.get("addr_info").and_then(|a| a.as_array());
+            for info in infos.into_iter().flatten() {
+                let global = info.get("scope").and_then(|s| s.as_str()) == Some("global");
+                let local = info.get("local").and_then(|l| l.as_str());
+                let prefix = info.get("prefixlen").and_then(|p| p.as_u64());
+                if let (true, Some(local), Some(prefix)) = (global, local, prefix) {
+                    if !own.iter().any(|o| o == local) {
+                        let addr = format!("{local}/{prefix}");
+                        ip(&["-n", &h.netns, "addr", "del", &addr, "dev", dev])?;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Hosts, their addresses, link state and processes, as they are now.

@@ -290,6 +290,7 @@ async fn start_logs(node: Arc<Node>) {
             node: node.cfg.node.clone(),
             preferred_node: s.preferred_node.clone(),
             queue_num: CAPTURE_QUEUE_BASE + i as u16,
+            timestamp_margin: crate::replicated::timestamp_margin(node.cfg.election_timeout),
         };
         match ReplicatedService::start(cfg, listeners, log.group().clone(), events) {
             Ok(r) => {
@@ -507,46 +508,35 @@ async fn cluster_status(node: &Node) -> ClusterStatus {
     let mut nodes = Vec::new();
     let mut where_runs: BTreeMap<String, (String, usize, bool)> = BTreeMap::new();
     let mut logs: BTreeMap<String, Vec<NodeLog>> = BTreeMap::new();
-    for name in node.cfg.peers.keys() {
-        let statuses = if *name == node.cfg.node {
-            log_statuses(node).await
-        } else {
-            match ask_peer(
-                &node.auth,
-                name,
-                &PeerRequest::LogStatus,
-                Duration::from_millis(800),
-            )
-            .await
-            {
-                Ok(PeerReply::LogStatus(s)) => s,
-                _ => Vec::new(),
-            }
+    // Every peer is asked at once: a dead one costs one deadline, not one
+    // per peer and question.
+    let asks = node.cfg.peers.keys().map(|name| async move {
+        if *name == node.cfg.node {
+            return (log_statuses(node).await, Ok(running_here(node).await));
+        }
+        let deadline = Duration::from_millis(800);
+        let (logs, running) = tokio::join!(
+            ask_peer(&node.auth, name, &PeerRequest::LogStatus, deadline),
+            ask_peer(&node.auth, name, &PeerRequest::Status, deadline),
+        );
+        let logs = match logs {
+            Ok(PeerReply::LogStatus(s)) => s,
+            _ => Vec::new(),
         };
+        let running = match running {
+            Ok(PeerReply::Running(r)) => Ok(r),
+            _ => Err(()),
+        };
+        (logs, running)
+    });
+    let answers = futures::future::join_all(asks).await;
+    for ((name, addr), (statuses, running)) in node.cfg.peers.iter().zip(answers) {
         for (service, status) in statuses {
             logs.entry(service).or_default().push(NodeLog {
                 node: name.clone(),
                 status,
             });
         }
-    }
-    for (name, addr) in &node.cfg.peers {
-        let running = if *name == node.cfg.node {
-            Ok(running_here(node).await)
-        } else {
-            match ask_peer(
-                &node.auth,
-                name,
-                &PeerRequest::Status,
-                Duration::from_millis(800),
-            )
-            .await
-            {
-                Ok(PeerReply::Running(r)) => Ok(r),
-                Ok(_) => Err(()),
-                Err(_) => Err(()),
-            }
-        };
         nodes.push(NodeEntry {
             name: name.clone(),
             address: *addr,

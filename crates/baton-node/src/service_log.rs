@@ -418,7 +418,9 @@ async fn follow(
             }
             let index = match &event {
                 Event::Committed(c) => Some(c.index),
-                Event::Membership { index, .. } | Event::Snapshot { index, .. } => Some(*index),
+                Event::Membership { index, .. }
+                | Event::Snapshot { index, .. }
+                | Event::LeaderEntry { index, .. } => Some(*index),
                 _ => None,
             };
             if let Some(index) = index {
@@ -434,7 +436,9 @@ async fn follow(
         };
         match event {
             Event::Committed(c) => applied_now(&|a| a.index = c.index),
-            Event::Membership { index, .. } => applied_now(&|a| a.index = index),
+            Event::Membership { index, .. } | Event::LeaderEntry { index, .. } => {
+                applied_now(&|a| a.index = index)
+            }
             Event::Snapshot { index, .. } => applied_now(&|a| a.index = index),
             Event::Leader(l) => {
                 applied_now(&|a| a.ever_led |= l.leader.is_some());

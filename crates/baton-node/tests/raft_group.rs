@@ -94,6 +94,13 @@ async fn run_app(
                     }
                 }
             }
+            Event::LeaderEntry { index, .. } => {
+                let mut a = app.lock().unwrap();
+                if index <= a.applied {
+                    a.out_of_order.push(index);
+                }
+                a.applied = index;
+            }
             Event::Leader(_) => {}
             Event::Stopped(e) => app.lock().unwrap().stopped = Some(e),
         }

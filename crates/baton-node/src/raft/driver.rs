@@ -730,13 +730,15 @@ impl Driver {
             match EntryType::from_i32(e.entry_type) {
                 // An empty entry is a new leader's; proposals are never empty.
                 Some(EntryType::EntryNormal) => {
-                    if !e.data.is_empty() {
-                        let _ = self.events.send(Event::Committed(Committed {
+                    let _ = self.events.send(if e.data.is_empty() {
+                        Event::LeaderEntry { index, term }
+                    } else {
+                        Event::Committed(Committed {
                             index,
                             term,
                             data: e.data,
-                        }));
-                    }
+                        })
+                    });
                 }
                 Some(EntryType::EntryConfChangeV2) => self.apply_conf(index, term, &e.data)?,
                 _ => {

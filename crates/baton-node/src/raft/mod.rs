@@ -183,6 +183,11 @@ pub enum Event {
         term: u64,
         membership: Membership,
     },
+    /// A new leader's empty entry committed at `index`: every entry of
+    /// earlier terms is committed and came before this event, so a leader
+    /// that applied up to here has the whole committed log (where a new
+    /// primary may take over).
+    LeaderEntry { index: u64, term: u64 },
     /// Replace the application's state with `data`, the state as of
     /// `index`; the entries that follow come after it.
     Snapshot {

@@ -19,9 +19,11 @@
 //! - **role**: the raft leader is the primary. It holds the VIP; losing
 //!   leadership drops the VIP and closes its sockets without a word.
 //!
-//! Not yet here (failover): a new primary serves new connections with the
-//! replicated state, but does not rebuild the connections of the one that
-//! died.
+//! - **takeover**: a new leader becomes primary once it applied the whole
+//!   committed log (its own term's empty entry committed). It takes the
+//!   VIP and rebuilds every open connection's socket with TCP_REPAIR from
+//!   the state the log computes ([`baton_core::replica::takeover`]), so
+//!   the clients of a primary that died carry on.
 
 mod conn;
 
@@ -34,7 +36,7 @@ use std::time::Duration;
 use baton_core::packet::{ConnKey, TcpChecksum};
 use baton_core::relocation::Vip;
 use baton_core::replica::{
-    Action, Capture, PacketId, Proposal, Replica, ReplicaEntry, Tick, Verdict,
+    takeover, Action, Capture, PacketId, Proposal, Replica, ReplicaEntry, Tick, Verdict,
 };
 use baton_core::service::{CloseReason, ConnId, Context, RestoreError, Service, TimerId};
 use baton_net::hold::CaptureRules;
@@ -122,6 +124,20 @@ pub struct ReplicatedConfig {
     pub preferred_node: String,
     /// NFQUEUE queue number of the capture.
     pub queue_num: u16,
+    /// Added to the timestamp clock of rebuilt connections
+    /// ([`timestamp_margin`]).
+    pub timestamp_margin: Duration,
+}
+
+/// How far ahead of the dead primary's extrapolated TCP timestamp clock a
+/// new primary starts its rebuilt connections. A timestamp below one the
+/// client already saw would make it drop our segments (PAWS), one above
+/// costs nothing. The old primary may have sent until its lease ran out
+/// (under one election timeout) and detection takes up to two more; the
+/// rest covers the offset of the nodes' clocks (the log's time is the old
+/// primary's wall clock, the extrapolation uses ours).
+pub fn timestamp_margin(election_timeout: Duration) -> Duration {
+    3 * election_timeout + Duration::from_millis(100)
 }
 
 enum Command {
@@ -168,6 +184,8 @@ impl ReplicatedService {
             replica,
             capture: Capture::new(),
             leader: false,
+            term: 0,
+            whole_log_term: 0,
             primary: false,
             accepted: HashMap::new(),
             conns: HashMap::new(),
@@ -249,6 +267,24 @@ fn plain(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
+/// A connection's socket rebuilt from its state, live, for the runtime.
+fn rebuild(state: &baton_core::tcp_state::TcpConnState) -> Result<TcpStream, TakeoverError> {
+    let stream = baton_net::repair::thaw(state)?;
+    stream
+        .set_nonblocking(true)
+        .map_err(TakeoverError::Register)?;
+    TcpStream::from_std(stream).map_err(TakeoverError::Register)
+}
+
+/// Why a connection could not be rebuilt at takeover.
+#[derive(Debug, thiserror::Error)]
+enum TakeoverError {
+    #[error(transparent)]
+    Repair(#[from] baton_net::repair::RepairError),
+    #[error("registering the rebuilt socket: {0}")]
+    Register(std::io::Error),
+}
+
 /// Answers of the log to one batch of proposals.
 struct Answers {
     packet_ids: Vec<Vec<PacketId>>,
@@ -260,8 +296,12 @@ struct Loop {
     group: Arc<RaftGroup>,
     replica: Replica<Hosted>,
     capture: Capture,
-    /// raft says this node leads.
+    /// raft says this node leads, in `term`.
     leader: bool,
+    term: u64,
+    /// Term of the newest leader's empty entry applied: when it is ours,
+    /// this node has applied the whole committed log.
+    whole_log_term: u64,
     /// This node leads and holds the VIP.
     primary: bool,
     /// Accepted sockets whose established entry is not applied yet.
@@ -402,11 +442,19 @@ impl Loop {
                 let _ = self.replica.handle_skipped(index, false);
                 self.capture.handle_commit(index);
             }
+            Event::LeaderEntry { index, term } => {
+                let _ = self.replica.handle_skipped(index, false);
+                self.capture.handle_commit(index);
+                self.whole_log_term = term;
+                self.maybe_take_over().await;
+            }
             Event::Snapshot { index, data, .. } => self.on_snapshot(index, &data),
             Event::Leader(l) => {
                 if l.is_me && !self.leader {
                     self.leader = true;
+                    self.term = l.term;
                     self.on_elected().await;
+                    self.maybe_take_over().await;
                 } else if !l.is_me && self.leader {
                     self.leader = false;
                     self.on_deposed(queue).await;
@@ -450,8 +498,9 @@ impl Loop {
         }
     }
 
-    /// Becomes primary: hands the lead to the preferred node at a start
-    /// with nothing served yet, else takes the VIP.
+    /// Elected: hands the lead to the preferred node at a start with
+    /// nothing served yet; else this node takes over once it has applied
+    /// the whole committed log ([`Loop::maybe_take_over`]).
     async fn on_elected(&mut self) {
         if self.cfg.preferred_node != self.cfg.node && self.replica.connections_opened() == 0 {
             if let Some(s) = self.group.status().await {
@@ -465,6 +514,7 @@ impl Loop {
                     match self.group.transfer_leader(id).await {
                         Ok(()) => {
                             tracing::info!(service = %self.cfg.name, to = %self.cfg.preferred_node, "handed the lead to the preferred node");
+                            self.leader = false;
                             return;
                         }
                         Err(e) => {
@@ -476,21 +526,86 @@ impl Loop {
             // A transfer that failed or raced: lead only if still leader.
             match self.group.status().await {
                 Some(s) if s.role == Role::Leader => {}
-                _ => {
-                    self.leader = false;
-                    return;
-                }
+                _ => self.leader = false,
             }
         }
+    }
+
+    /// Becomes primary once this node leads and has applied every entry
+    /// committed before its term: every connection the log knows is then
+    /// complete here.
+    async fn maybe_take_over(&mut self) {
+        if self.leader && !self.primary && self.whole_log_term == self.term {
+            self.take_over().await;
+        }
+    }
+
+    /// Takes the VIP and rebuilds the open connections' sockets. Client
+    /// packets wait in the capture queue meanwhile (the loop reads it only
+    /// afterwards), and are proposed, committed and accepted as usual.
+    async fn take_over(&mut self) {
+        let started = tokio::time::Instant::now();
         if let Err(e) = baton_net::vip::take(&self.cfg.spec, self.cfg.announce).await {
             tracing::error!(service = %self.cfg.name, error = %e, "taking the VIP as primary");
             return;
         }
-        tracing::info!(service = %self.cfg.name, vip = %self.cfg.vip.addr, "primary");
+        let now = now_ms();
+        let margin = self.cfg.timestamp_margin.as_millis() as u64;
+        let mut rebuilt = 0usize;
+        let mut lost = Vec::new();
+        let conns: Vec<(ConnKey, bool, bool)> = self
+            .replica
+            .connections()
+            .map(|(k, c)| (*k, c.fin_queued(), c.fully_closed()))
+            .collect();
+        for (key, fin_queued, fully_closed) in conns {
+            let Some(conn) = self.replica.connection(&key) else {
+                continue;
+            };
+            let Some(state) = takeover::conn_state(&key, conn, now, margin) else {
+                continue;
+            };
+            let stream = match rebuild(&state) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(service = %self.cfg.name, client = %key.client, error = %e, "rebuilding a connection");
+                    lost.push(key);
+                    continue;
+                }
+            };
+            let tx = self.spawn_conn(key, stream);
+            if fin_queued {
+                let _ = tx.send(if fully_closed {
+                    ToConn::Close
+                } else {
+                    ToConn::ShutdownWrite
+                });
+            }
+            rebuilt += 1;
+        }
+        tracing::info!(service = %self.cfg.name, vip = %self.cfg.vip.addr, rebuilt, lost = lost.len(), took_ms = started.elapsed().as_millis() as u64, "primary");
         self.capture = Capture::new();
         self.capture.handle_commit(self.replica.applied_index());
         self.primary = true;
         self.last_checkpoint = tokio::time::Instant::now();
+        if !lost.is_empty() {
+            self.submit(
+                lost.into_iter()
+                    .map(|conn| Proposal {
+                        packet_ids: Vec::new(),
+                        entry: ReplicaEntry::Aborted { conn },
+                    })
+                    .collect(),
+            );
+        }
+    }
+
+    /// Starts a connection's socket task.
+    fn spawn_conn(&mut self, conn: ConnKey, stream: TcpStream) -> mpsc::UnboundedSender<ToConn> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.conns.insert(conn, tx.clone());
+        tokio::spawn(conn::run(conn, stream, rx, self.conn_tx.clone()));
+        tx
     }
 
     /// `preferred_node` leads at start: while no connection was ever
@@ -747,9 +862,7 @@ impl Loop {
             match action {
                 Action::Opened { conn, .. } => {
                     if let Some(stream) = self.accepted.remove(&conn) {
-                        let (tx, rx) = mpsc::unbounded_channel();
-                        self.conns.insert(conn, tx);
-                        tokio::spawn(conn::run(conn, stream, rx, self.conn_tx.clone()));
+                        self.spawn_conn(conn, stream);
                     }
                 }
                 Action::Consumed { conn, bytes } => to(&self.conns, &conn, ToConn::Consumed(bytes)),
