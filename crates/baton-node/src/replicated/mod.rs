@@ -545,10 +545,21 @@ impl Loop {
     /// afterwards), and are proposed, committed and accepted as usual.
     async fn take_over(&mut self) {
         let started = tokio::time::Instant::now();
-        if let Err(e) = baton_net::vip::take(&self.cfg.spec, self.cfg.announce).await {
-            tracing::error!(service = %self.cfg.name, error = %e, "taking the VIP as primary");
-            return;
-        }
+        let taken = match baton_net::vip::take_address(&self.cfg.spec).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(service = %self.cfg.name, error = %e, "taking the VIP as primary");
+                return;
+            }
+        };
+        // The first announcement goes at once; the repeats do not hold up
+        // the rebuild.
+        let (service, how) = (self.cfg.name.clone(), self.cfg.announce);
+        tokio::spawn(async move {
+            if let Err(e) = baton_net::vip::announce(&taken, how).await {
+                tracing::warn!(service, error = %e, "announcing the VIP");
+            }
+        });
         let now = now_ms();
         let margin = self.cfg.timestamp_margin.as_millis() as u64;
         let mut rebuilt = 0usize;
