@@ -556,6 +556,18 @@ fn peer_gone(fd: BorrowedFd) -> bool {
     }
 }
 
+/// Bytes of all the datagrams queued on a unix SEQPACKET socket (SIOCINQ).
+fn queued_bytes(fd: BorrowedFd) -> usize {
+    let mut n: c_int = 0;
+    // SAFETY: SIOCINQ writes one int.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+    if rc < 0 {
+        0
+    } else {
+        n.max(0) as usize
+    }
+}
+
 /// One datagram as `recvmsg` gave it.
 struct Received {
     len: usize,
@@ -637,7 +649,10 @@ fn recv_one(fd: BorrowedFd, buf: &mut [u8]) -> Result<Recv, KeeperError> {
         }
         let truncated = mhdr.msg_flags & libc::MSG_TRUNC != 0;
         let fds_truncated = mhdr.msg_flags & libc::MSG_CTRUNC != 0;
-        if n == 0 && fds.is_empty() && !truncated && peer_gone(fd) {
+        // End of stream and an empty datagram both read as 0 bytes: it is
+        // the end if the peer is gone and nothing with bytes is queued
+        // (holds sent before an empty datagram must still be read).
+        if n == 0 && fds.is_empty() && !truncated && peer_gone(fd) && queued_bytes(fd) == 0 {
             return Ok(Recv::Eof);
         }
         return Ok(Recv::Message(Received {
@@ -1719,6 +1734,52 @@ mod tests {
         send(&Request::Exit.encode(), None);
         let exit = server.join().unwrap().unwrap();
         assert_eq!(exit, KeeperExit::Released { sockets: 1 });
+    }
+
+    /// What the daemon sent just before it died is read before fencing,
+    /// an empty datagram included: the sockets of those holds exist
+    /// nowhere else.
+    #[test]
+    fn the_loop_reads_everything_queued_before_fencing() {
+        let (daemon, keeper) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let tcp = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        let d = daemon.as_fd();
+        send_on(d, &[], None, MsgFlags::empty()).unwrap();
+        send_on(
+            d,
+            &Request::Hold { id: 1 }.encode(),
+            Some(tcp.as_fd()),
+            MsgFlags::empty(),
+        )
+        .unwrap();
+        send_on(
+            d,
+            &Request::Hold { id: 2 }.encode(),
+            Some(tcp.as_fd()),
+            MsgFlags::empty(),
+        )
+        .unwrap();
+        drop(tcp);
+        drop(daemon);
+        let KeeperExit::Fenced(f) = serve(keeper.as_fd(), None).unwrap() else {
+            panic!("no fencing");
+        };
+        assert_eq!(f.reason, FenceReason::DaemonGone);
+        // Repair mode needs CAP_NET_ADMIN; without it the socket counts
+        // as failed, still fenced.
+        assert_eq!(f.sockets + f.failed, 2, "{f:?}");
+    }
+
+    #[test]
+    fn the_handle_is_shared_between_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Keeper>();
     }
 
     #[test]
