@@ -3,6 +3,7 @@
 
 pub mod counters;
 pub mod hold;
+pub mod keeper;
 pub mod limits;
 pub mod listen;
 pub mod netns;

@@ -194,7 +194,7 @@ impl VipSpec {
         self.vmac_name().unwrap_or_else(|| self.interface.clone())
     }
 
-    fn validate(&self) -> Result<(), VipError> {
+    pub(crate) fn validate(&self) -> Result<(), VipError> {
         let bad = |reason| VipError::InvalidVip {
             addr: self.addr,
             prefix_len: self.prefix_len,
