@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use baton_core::relocation::{Vip, MAGIC as MOVE_MAGIC};
 use baton_core::service::Service;
+use baton_net::keeper::Keeper;
 use baton_net::vip;
 use tokio::net::{TcpListener, TcpStream, UnixListener};
 
@@ -60,6 +61,9 @@ struct Node {
     slots: Mutex<BTreeMap<String, Slot>>,
     /// Each service's replicated log, once started.
     logs: Mutex<BTreeMap<String, Arc<ServiceLog>>>,
+    /// Holds the replicated services' client sockets, so that if this
+    /// daemon dies they close without a word ([`baton_net::keeper`]).
+    keeper: Option<Arc<Keeper>>,
 }
 
 impl Node {
@@ -119,6 +123,17 @@ pub async fn run(cfg: NodeConfig, registry: Registry) -> Result<(), NodeError> {
     moves.announce = cfg.announce;
     moves.local_addr = Some(cfg.own_addr().ip());
     moves.auth = Some(auth.clone());
+    let keeper = if cfg.services.iter().any(|s| s.replicated) {
+        match start_keeper() {
+            Ok(k) => Some(Arc::new(k)),
+            Err(e) => {
+                tracing::error!(error = %e, "no connection keeper: if this node dies, its kernel will close its clients' connections");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let node = Arc::new(Node {
         cfg: cfg.clone(),
         registry,
@@ -126,6 +141,7 @@ pub async fn run(cfg: NodeConfig, registry: Registry) -> Result<(), NodeError> {
         auth: auth.clone(),
         slots: Mutex::new(BTreeMap::new()),
         logs: Mutex::new(BTreeMap::new()),
+        keeper,
     });
 
     for s in &cfg.services {
@@ -249,6 +265,15 @@ pub async fn run(cfg: NodeConfig, registry: Registry) -> Result<(), NodeError> {
 /// there; the holds of moves use theirs from [`MoveConfig::queue_num`]).
 const CAPTURE_QUEUE_BASE: u16 = 100;
 
+/// Starts the keeper: this executable's hidden `keeper` subcommand, in
+/// this namespace (it removes the VIPs here).
+fn start_keeper() -> Result<Keeper, NodeError> {
+    let exe = std::env::current_exe()
+        .map_err(|e| NodeError::Setup(format!("finding this executable for the keeper: {e}")))?;
+    Keeper::spawn(&exe, &[std::ffi::OsStr::new("keeper")])
+        .map_err(|e| NodeError::Setup(format!("starting the connection keeper: {e}")))
+}
+
 /// Starts every service's log (see [`crate::service_log`]), and the
 /// replicated services' loops on theirs.
 async fn start_logs(node: Arc<Node>) {
@@ -291,6 +316,7 @@ async fn start_logs(node: Arc<Node>) {
             preferred_node: s.preferred_node.clone(),
             queue_num: CAPTURE_QUEUE_BASE + i as u16,
             timestamp_margin: crate::replicated::timestamp_margin(node.cfg.election_timeout),
+            keeper: node.keeper.clone(),
         };
         match ReplicatedService::start(cfg, listeners, log.group().clone(), events) {
             Ok(r) => {

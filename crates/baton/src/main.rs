@@ -37,6 +37,25 @@ enum Commands {
     /// runtime (the benchmarks' baseline).
     #[command(hide = true)]
     ServeStandalone(standalone::StandaloneArgs),
+    /// The connection keeper a node starts for itself: it holds the node's
+    /// client sockets and, if the node dies, closes them without a word and
+    /// drops its VIPs (see `baton_net::keeper`).
+    #[command(hide = true)]
+    Keeper,
+}
+
+/// The hidden `keeper` subcommand: blocks until the node is gone.
+fn run_keeper() -> anyhow::Result<i32> {
+    match baton_net::keeper::run_keeper()? {
+        baton_net::keeper::KeeperExit::Fenced(f) => {
+            tracing::warn!(
+                ?f,
+                "the node is gone: its connections were closed silently and its VIPs dropped"
+            )
+        }
+        released => tracing::debug!(?released, "keeper done"),
+    }
+    Ok(0)
 }
 
 fn main() {
@@ -63,6 +82,7 @@ fn main() {
         Commands::Ctl(args) => node::run_ctl(args),
         Commands::Key(args) => key::run(args),
         Commands::ServeStandalone(args) => standalone::run(args),
+        Commands::Keeper => run_keeper(),
     };
     match result {
         Ok(code) => std::process::exit(code),

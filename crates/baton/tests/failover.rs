@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use baton_lab::cluster::NodeOptions;
+use baton_lab::cluster::{Cluster, NodeOptions};
 use baton_lab::Deadline;
 use common::*;
 
@@ -25,14 +25,12 @@ const STREAM_BYTES: u64 = 8 << 20;
 const STREAM_CHUNK: usize = 16 * 1024;
 const STREAM_EVERY: Duration = Duration::from_millis(8);
 
-#[test]
-fn a_crashed_primary_host_loses_no_connection_and_no_byte() {
-    let _deadline = Deadline::start(
-        "a_crashed_primary_host_loses_no_connection_and_no_byte",
-        Duration::from_secs(240),
-    );
-    let c = cluster(
-        "fc",
+/// The primary (node1) fails by `fault` while four paced echo streams
+/// and an INCR probe run through it; a survivor must take over every
+/// connection.
+fn failover_under_load(prefix: &str, fault: impl FnOnce(&mut Cluster)) -> Cluster {
+    let mut c = cluster(
+        prefix,
         &[
             replicated("kv", "kv", kv_vip(), KV_PORT),
             replicated("echo", "echo", echo_vip(), ECHO_PORT),
@@ -68,7 +66,8 @@ fn a_crashed_primary_host_loses_no_connection_and_no_byte() {
 
     std::thread::sleep(Duration::from_millis(1500));
     let crashed_at = Instant::now();
-    c.lab.crash("node1").unwrap();
+    fault(&mut c);
+    let logs_on_failure = LogsOnFailure(&c);
     let survivors = ["node2", "node3"];
     let primary = wait_primary_among(&c, "kv", &survivors);
     eprintln!("kv primary {primary} after {:?}", crashed_at.elapsed());
@@ -106,4 +105,50 @@ fn a_crashed_primary_host_loses_no_connection_and_no_byte() {
     }
     no_resets(&c, "client1", &before1);
     no_resets(&c, "client2", &before2);
+    std::mem::forget(logs_on_failure);
+    c
+}
+
+/// Prints the nodes' logs if the test fails while it lives.
+struct LogsOnFailure<'a>(&'a Cluster);
+
+impl Drop for LogsOnFailure<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for n in NODES {
+                let log = self.0.node_log(n);
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                eprintln!("--- {n} ---\n{}", tail.join("\n"));
+            }
+        }
+    }
+}
+
+#[test]
+fn a_crashed_primary_host_loses_no_connection_and_no_byte() {
+    let _deadline = Deadline::start(
+        "a_crashed_primary_host_loses_no_connection_and_no_byte",
+        Duration::from_secs(240),
+    );
+    failover_under_load("fc", |c| c.lab.crash("node1").unwrap());
+}
+
+#[test]
+fn a_killed_primary_daemon_says_nothing_and_loses_no_connection() {
+    let _deadline = Deadline::start(
+        "a_killed_primary_daemon_says_nothing_and_loses_no_connection",
+        Duration::from_secs(240),
+    );
+    let c = failover_under_load("fk", |c| assert!(c.kill_node("node1")));
+    // Its keeper dropped the VIPs: the host no longer answers for them.
+    let addrs = c.lab.status().unwrap();
+    let node1 = addrs.hosts.iter().find(|h| h.name == "node1").unwrap();
+    for vip in [kv_vip(), echo_vip()] {
+        assert!(
+            !node1.extra_addresses.contains(&vip.to_string()),
+            "node1 still holds {vip}: {:?}",
+            node1.extra_addresses
+        );
+    }
 }

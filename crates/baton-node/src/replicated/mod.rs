@@ -40,6 +40,7 @@ use baton_core::replica::{
 };
 use baton_core::service::{CloseReason, ConnId, Context, RestoreError, Service, TimerId};
 use baton_net::hold::CaptureRules;
+use baton_net::keeper::Keeper;
 use baton_net::nfqueue::{self, NfQueue, QueueConfig};
 use baton_net::vip::{Announce, VipSpec};
 use serde::{Deserialize, Serialize};
@@ -127,6 +128,26 @@ pub struct ReplicatedConfig {
     /// Added to the timestamp clock of rebuilt connections
     /// ([`timestamp_margin`]).
     pub timestamp_margin: Duration,
+    /// Holds every client socket and the VIP, so that this daemon's death
+    /// lets none of them speak.
+    pub keeper: Option<Arc<Keeper>>,
+}
+
+/// Ids of the sockets handed to the keeper, unique in this process.
+static NEXT_KEPT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A socket the keeper holds for as long as this lives.
+pub(crate) struct Kept {
+    keeper: Arc<Keeper>,
+    id: u64,
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        if let Err(e) = self.keeper.release(self.id) {
+            tracing::warn!(error = %e, "the keeper did not take a release");
+        }
+    }
 }
 
 /// How far ahead of the dead primary's extrapolated TCP timestamp clock a
@@ -188,6 +209,7 @@ impl ReplicatedService {
             whole_log_term: 0,
             primary: false,
             accepted: HashMap::new(),
+            vip_guard: None,
             conns: HashMap::new(),
             conn_tx,
             answer_tx,
@@ -305,7 +327,9 @@ struct Loop {
     /// This node leads and holds the VIP.
     primary: bool,
     /// Accepted sockets whose established entry is not applied yet.
-    accepted: HashMap<ConnKey, TcpStream>,
+    accepted: HashMap<ConnKey, (TcpStream, Option<Kept>)>,
+    /// The VIP, as the keeper guards it (interface carrying it).
+    vip_guard: Option<String>,
     /// Open connections' socket tasks (primary only).
     conns: HashMap<ConnKey, mpsc::UnboundedSender<ToConn>>,
     conn_tx: mpsc::UnboundedSender<FromConn>,
@@ -552,6 +576,14 @@ impl Loop {
                 return;
             }
         };
+        if let Some(keeper) = &self.cfg.keeper {
+            match keeper.guard_address(self.cfg.vip.addr, self.cfg.spec.prefix_len, &taken.ifname) {
+                Ok(()) => self.vip_guard = Some(taken.ifname.clone()),
+                Err(e) => {
+                    tracing::warn!(service = %self.cfg.name, error = %e, "the keeper does not guard the VIP")
+                }
+            }
+        }
         // The first announcement goes at once; the repeats do not hold up
         // the rebuild.
         let (service, how) = (self.cfg.name.clone(), self.cfg.announce);
@@ -584,7 +616,8 @@ impl Loop {
                     continue;
                 }
             };
-            let tx = self.spawn_conn(key, stream);
+            let kept = self.keep(&stream);
+            let tx = self.spawn_conn(key, stream, kept);
             if fin_queued {
                 let _ = tx.send(if fully_closed {
                     ToConn::Close
@@ -612,11 +645,38 @@ impl Loop {
     }
 
     /// Starts a connection's socket task.
-    fn spawn_conn(&mut self, conn: ConnKey, stream: TcpStream) -> mpsc::UnboundedSender<ToConn> {
+    fn spawn_conn(
+        &mut self,
+        conn: ConnKey,
+        stream: TcpStream,
+        kept: Option<Kept>,
+    ) -> mpsc::UnboundedSender<ToConn> {
         let (tx, rx) = mpsc::unbounded_channel();
         self.conns.insert(conn, tx.clone());
-        tokio::spawn(conn::run(conn, stream, rx, self.conn_tx.clone()));
+        let to_loop = self.conn_tx.clone();
+        tokio::spawn(async move {
+            conn::run(conn, stream, rx, to_loop).await;
+            // After the socket's own close: the keeper's copy goes last.
+            drop(kept);
+        });
         tx
+    }
+
+    /// Hands the keeper a copy of a client socket.
+    fn keep(&mut self, stream: &TcpStream) -> Option<Kept> {
+        let keeper = self.cfg.keeper.as_ref()?;
+        // One keeper holds every service's sockets: ids are node-wide.
+        let id = NEXT_KEPT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        match keeper.hold(id, stream.as_fd()) {
+            Ok(()) => Some(Kept {
+                keeper: keeper.clone(),
+                id,
+            }),
+            Err(e) => {
+                tracing::warn!(service = %self.cfg.name, error = %e, "the keeper does not hold a connection");
+                None
+            }
+        }
     }
 
     /// `preferred_node` leads at start: while no connection was ever
@@ -667,11 +727,17 @@ impl Loop {
         for (_, tx) in self.conns.drain() {
             let _ = tx.send(ToConn::Vanish);
         }
-        for (_, stream) in self.accepted.drain() {
+        for (_, (stream, kept)) in self.accepted.drain() {
             conn::vanish(stream);
+            drop(kept);
         }
         if let Err(e) = baton_net::vip::release(&self.cfg.spec).await {
             tracing::warn!(service = %self.cfg.name, error = %e, "releasing the VIP");
+        }
+        if let (Some(keeper), Some(ifname)) = (&self.cfg.keeper, self.vip_guard.take()) {
+            if let Err(e) = keeper.unguard_address(self.cfg.vip.addr, &ifname) {
+                tracing::warn!(service = %self.cfg.name, error = %e, "the keeper did not take the VIP's release");
+            }
         }
         tracing::info!(service = %self.cfg.name, "no longer primary");
     }
@@ -833,7 +899,8 @@ impl Loop {
                 return;
             }
         };
-        self.accepted.insert(conn, stream);
+        let kept = self.keep(&stream);
+        self.accepted.insert(conn, (stream, kept));
         self.submit(vec![Proposal {
             packet_ids: Vec::new(),
             entry: ReplicaEntry::Established(established),
@@ -872,8 +939,8 @@ impl Loop {
             };
             match action {
                 Action::Opened { conn, .. } => {
-                    if let Some(stream) = self.accepted.remove(&conn) {
-                        self.spawn_conn(conn, stream);
+                    if let Some((stream, kept)) = self.accepted.remove(&conn) {
+                        self.spawn_conn(conn, stream, kept);
                     }
                 }
                 Action::Consumed { conn, bytes } => to(&self.conns, &conn, ToConn::Consumed(bytes)),

@@ -275,6 +275,9 @@ pub fn paced_echo_stream(
         stream
             .set_read_timeout(Some(Duration::from_secs(30)))
             .unwrap();
+        stream
+            .set_write_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
         let mut writer = stream.try_clone().unwrap();
         let sender = std::thread::spawn(move || {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
