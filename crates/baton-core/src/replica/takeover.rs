@@ -6,11 +6,20 @@
 //! except the new primary's clock, which is passed in:
 //! - sequence numbers: our ISN (established entry) plus the output, and
 //!   the client's ISN plus what reassembly accepted (`rcv_nxt`);
-//! - `snd_una`: the client's latest committed ACK. All output from there
+//! - `snd_una`: the client's latest committed ACK. The output from there
 //!   on is restored as sent and unacknowledged: the client may hold more
 //!   of it than the log knows (its newer ACKs were not committed), and an
-//!   ACK of bytes the socket never sent would be dropped. What the client
-//!   lacks is sent again by the socket's own retransmission;
+//!   ACK of bytes the socket never sent would be dropped. Its last segment
+//!   (up to one MSS) is the exception when it surely goes out at once (the
+//!   rest fits the new socket's initial congestion window, and the
+//!   client's window takes it): restored as not yet sent, it leaves as a
+//!   fresh segment. The client's answer to it (an ACK, or a SACK when
+//!   bytes before it are missing) gives the rebuilt socket its first RTT
+//!   sample and starts its loss recovery at once; otherwise a lost tail
+//!   waits for the first retransmission timeout of a socket without an RTT
+//!   estimate, a second or more. (Were it held back by the congestion
+//!   window, an ACK of it would be dropped as an ACK of unsent data, and
+//!   the connection would stall.)
 //! - the receive queue: client bytes committed but not yet consumed by the
 //!   service (the primary reads only what it consumed, so its kernel held
 //!   them);
@@ -32,7 +41,12 @@ use std::net::SocketAddr;
 
 use super::apply::ReplicaConn;
 use crate::packet::ConnKey;
-use crate::tcp_state::{RepairWindow, SocketOptions, TcpConnState, TcpState};
+use crate::tcp_state::{seq_after, RepairWindow, SocketOptions, TcpConnState, TcpState};
+
+/// Segments a new socket may send before its first ACK (the kernel's
+/// `TCP_INIT_CWND`): the rebuilt socket's in-flight segments count
+/// against it.
+pub const INITIAL_CWND: usize = 10;
 
 /// The TCP state of a connection as the log leaves it, for a new primary
 /// whose wall clock reads `now_ms` (ms since the Unix epoch, the log's
@@ -69,13 +83,23 @@ pub fn conn_state(
         .wrapping_sub(unread.len() as u32);
     let options = conn.negotiated();
     let rcv_scale = options.window_scale.map_or(0, |w| w.rcv);
+    let mut unacked: Vec<u8> = output.retained().copied().collect();
+    let mss = usize::from(options.mss.max(1));
+    let tail = unacked.len().min(mss);
+    let head_segments = (unacked.len() - tail).div_ceil(mss);
+    let window_end = client.snd_una.wrapping_add(client.snd_wnd);
+    let unsent = if head_segments < INITIAL_CWND && !seq_after(after_output, window_end) {
+        unacked.split_off(unacked.len() - tail)
+    } else {
+        Vec::new()
+    };
     Some(TcpConnState {
         local: plain(key.server),
         remote: plain(key.client),
         state,
         send_seq: first_unacked,
-        unacked: output.retained().copied().collect(),
-        unsent: Vec::new(),
+        unacked,
+        unsent,
         recv_seq,
         unread,
         options,

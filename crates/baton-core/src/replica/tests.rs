@@ -959,10 +959,17 @@ fn check_takeover_states(r: &Replica<Probe>) {
         assert_eq!(st.rcv_nxt(), c.stream().rcv_nxt());
         let e = c.established();
         assert_eq!(
-            st.snd_nxt(),
+            st.snd_nxt().wrapping_add(st.unsent.len() as u32),
             e.isn.wrapping_add(1).wrapping_add(c.output().sent() as u32)
         );
-        assert_eq!(st.unacked.len() as u64, c.output().unacked());
+        assert_eq!(
+            (st.unacked.len() + st.unsent.len()) as u64,
+            c.output().unacked()
+        );
+        assert!(st.unsent.len() <= usize::from(st.options.mss));
+        let mss = usize::from(st.options.mss);
+        assert!(st.unacked.is_empty() || st.unsent.is_empty() || st.unsent.len() == mss);
+        assert!(st.unacked.len().div_ceil(mss) < takeover::INITIAL_CWND || st.unsent.is_empty());
         assert_eq!(st.unread.len() as u64, c.held_bytes());
         assert_eq!(st.state.fin_received(), c.stream().fin_received());
         assert_eq!(st.state.fin_sent(), c.fin_queued());
@@ -982,8 +989,9 @@ fn takeover_state_follows_the_log() {
     st.validate().unwrap();
     assert_eq!(st.state, crate::tcp_state::TcpState::Established);
     assert_eq!(st.send_seq, isn1.wrapping_add(2));
-    assert_eq!(st.unacked, b"llo");
-    assert!(st.unsent.is_empty() && st.unread.is_empty());
+    // The retained output's last segment goes out fresh.
+    assert_eq!(st.unsent, b"llo");
+    assert!(st.unacked.is_empty() && st.unread.is_empty());
     assert_eq!(st.recv_seq, c.seq(5));
     let ws = st.options.window_scale.unwrap();
     assert_eq!((ws.snd, ws.rcv), (WSCALE, WSCALE));
@@ -1027,7 +1035,13 @@ fn takeover_state_carries_input_the_service_has_not_taken() {
     st.validate().unwrap();
     assert_eq!(st.unread.len() as u64, conn.held_bytes());
     assert_eq!(st.recv_seq, c.seq((off - st.unread.len()) as u32));
-    assert_eq!(st.unacked.len() as u64, conn.output().unacked());
+    assert_eq!(
+        (st.unacked.len() + st.unsent.len()) as u64,
+        conn.output().unacked()
+    );
+    // Far more in flight than a new socket's first window: all of it is
+    // restored as sent.
+    assert!(st.unsent.is_empty());
 }
 
 #[test]
