@@ -64,6 +64,14 @@ fn failover_under_load(prefix: &str, fault: impl FnOnce(&mut Cluster)) -> Cluste
         stop.clone(),
     );
 
+    // redis-benchmark with its default settings, across the failure.
+    let bench = {
+        let mut cmd = c.lab.command("client1", "redis-benchmark").unwrap();
+        cmd.args(["-h", &kv_vip().to_string(), "-p", &KV_PORT.to_string()])
+            .args(["-c", "10", "-n", "30000", "-q", "-t", "set,incr,lpush"]);
+        std::thread::spawn(move || cmd.output().unwrap())
+    };
+
     std::thread::sleep(Duration::from_millis(1500));
     let crashed_at = Instant::now();
     fault(&mut c);
@@ -80,6 +88,11 @@ fn failover_under_load(prefix: &str, fault: impl FnOnce(&mut Cluster)) -> Cluste
         longest = longest.max(seen.longest_gap);
     }
     stop.store(true, Ordering::Relaxed);
+    let out = bench.join().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "redis-benchmark: {text}");
+    assert!(!text.to_lowercase().contains("error"), "redis-benchmark: {text}");
+    eprintln!("redis-benchmark across the failure: {}", text.replace('\n', " "));
     let probe = probe.join().expect("the INCR probe failed");
     eprintln!(
         "longest echo gap {longest:?}, INCR probe: {} commands, longest wait {:?}",
