@@ -87,7 +87,7 @@ pub struct MoveSummary {
 
 /// Frame magic of peer queries and replies.
 pub const PEER_MAGIC: [u8; 4] = *b"BTPQ";
-pub const PEER_VERSION: u16 = 3;
+pub const PEER_VERSION: u16 = 4;
 
 /// What one node asks another.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -225,6 +225,13 @@ mod tests {
             state_digest: Some("ab".repeat(32)),
             stream_mismatches: Some(0),
             malformed_dropped: Some(3),
+            last_takeover: Some(crate::replicated::Takeover {
+                at_ms: 1_700_000_000_000,
+                held_ms: 180,
+                rebuild_ms: 4,
+                connections: 12,
+                lost: 0,
+            }),
             ..Default::default()
         };
         let plain = crate::service_log::LogStatus {

@@ -467,6 +467,7 @@ async fn log_statuses(node: &Node) -> Vec<(String, LogStatus)> {
                     s.state_digest = Some(rs.state_digest);
                     s.stream_mismatches = Some(rs.stream_mismatches);
                     s.malformed_dropped = Some(rs.malformed_dropped);
+                    s.last_takeover = rs.last_takeover;
                 }
             }
             None => s.role = if running { "primary" } else { "standby" }.to_owned(),

@@ -93,6 +93,8 @@ pub struct LogStatus {
     /// Members' node names.
     pub voters: Vec<String>,
     pub learners: Vec<String>,
+    /// A replicated service: this node's latest takeover as primary.
+    pub last_takeover: Option<crate::replicated::Takeover>,
 }
 
 /// Applied state, kept from the group's events.
@@ -352,6 +354,7 @@ fn log_status(s: &Status, applied: u64) -> LogStatus {
         applied_index: applied.max(s.applied_index),
         state_digest: None,
         stream_mismatches: None,
+        last_takeover: None,
         malformed_dropped: None,
         voters: s
             .membership

@@ -155,6 +155,16 @@ pub fn run_ctl(args: CtlArgs) -> Result<i32> {
                             .map(|d| format!(" state {}", &d[..d.len().min(16)]))
                             .unwrap_or_default(),
                     );
+                    if let Some(t) = &l.status.last_takeover {
+                        println!(
+                            "      last takeover {} ms ago: clients held at most {} ms, {} connections rebuilt in {} ms, {} lost",
+                            now_ms().saturating_sub(t.at_ms),
+                            t.held_ms,
+                            t.connections,
+                            t.rebuild_ms,
+                            t.lost
+                        );
+                    }
                 }
             }
             if status.refused_peer_connections > 0 {
@@ -180,4 +190,11 @@ pub fn run_ctl(args: CtlArgs) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

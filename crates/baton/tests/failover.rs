@@ -80,7 +80,11 @@ fn failover_under_load(prefix: &str, fault: impl FnOnce(&mut Cluster)) -> Cluste
     let primary = wait_primary_among(&c, "kv", &survivors);
     eprintln!("kv primary {primary} after {:?}", crashed_at.elapsed());
     let echo_primary = wait_primary_among(&c, "echo", &survivors);
-    eprintln!("echo primary {echo_primary}");
+    let view = views_of(&c, "echo", &[echo_primary.as_str()]);
+    let took = &view[0]["last_takeover"];
+    eprintln!("echo primary {echo_primary}, takeover {took}");
+    assert_eq!(took["connections"], STREAMS_PER_CLIENT * 2, "{took}");
+    assert_eq!(took["lost"], 0, "{took}");
 
     let mut longest = Duration::ZERO;
     for s in streams {
@@ -89,10 +93,17 @@ fn failover_under_load(prefix: &str, fault: impl FnOnce(&mut Cluster)) -> Cluste
     }
     stop.store(true, Ordering::Relaxed);
     let out = bench.join().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "redis-benchmark: {text}");
-    assert!(!text.to_lowercase().contains("error"), "redis-benchmark: {text}");
-    eprintln!("redis-benchmark across the failure: {}", text.replace('\n', " "));
+    assert!(
+        !text.to_lowercase().contains("error"),
+        "redis-benchmark: {text}"
+    );
+    eprintln!(
+        "redis-benchmark across the failure: {}",
+        text.replace('\n', " ")
+    );
     let probe = probe.join().expect("the INCR probe failed");
     eprintln!(
         "longest echo gap {longest:?}, INCR probe: {} commands, longest wait {:?}",

@@ -93,6 +93,24 @@ pub struct ReplicaStatus {
     pub waiting_commit: usize,
     /// Bytes the kernel handed up that differ from the replica's.
     pub stream_mismatches: u64,
+    pub last_takeover: Option<Takeover>,
+}
+
+/// A takeover as primary, for `ctl status`: when, and how long clients
+/// waited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Takeover {
+    /// When it completed, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// From the previous primary's last logged time to the completion: an
+    /// upper bound of how long its clients were held (less if they were
+    /// idle before the failure).
+    pub held_ms: u64,
+    /// Taking the VIP and rebuilding the connections.
+    pub rebuild_ms: u64,
+    /// Connections rebuilt, and those that could not be.
+    pub connections: u64,
+    pub lost: u64,
 }
 
 /// Why a replicated service could not start.
@@ -219,6 +237,7 @@ impl ReplicatedService {
             last_checkpoint: tokio::time::Instant::now(),
             digests_sent: HashMap::new(),
             stream_mismatches: 0,
+            last_takeover: None,
             _rules: rules,
         };
         let task = tokio::spawn(lp.run(listeners, queue, events, command_rx, conn_rx, answer_rx));
@@ -341,6 +360,7 @@ struct Loop {
     /// Output offset of the last digest proposed per connection.
     digests_sent: HashMap<ConnKey, u64>,
     stream_mismatches: u64,
+    last_takeover: Option<Takeover>,
     _rules: CaptureRules,
 }
 
@@ -627,7 +647,18 @@ impl Loop {
             }
             rebuilt += 1;
         }
-        tracing::info!(service = %self.cfg.name, vip = %self.cfg.vip.addr, rebuilt, lost = lost.len(), took_ms = started.elapsed().as_millis() as u64, "primary");
+        let done = now_ms();
+        let took = Takeover {
+            at_ms: done,
+            held_ms: done.saturating_sub(self.replica.now_ms()),
+            rebuild_ms: started.elapsed().as_millis() as u64,
+            connections: rebuilt as u64,
+            lost: lost.len() as u64,
+        };
+        tracing::info!(service = %self.cfg.name, vip = %self.cfg.vip.addr, rebuilt, lost = lost.len(), took_ms = took.rebuild_ms, held_ms = took.held_ms, "primary");
+        if self.replica.connections_opened() > 0 {
+            self.last_takeover = Some(took);
+        }
         self.capture = Capture::new();
         self.capture.handle_commit(self.replica.applied_index());
         self.primary = true;
@@ -984,6 +1015,7 @@ impl Loop {
             malformed_dropped: self.capture.counters().malformed,
             waiting_commit: self.capture.waiting(),
             stream_mismatches: self.stream_mismatches,
+            last_takeover: self.last_takeover,
         }
     }
 }
