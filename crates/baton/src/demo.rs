@@ -1,7 +1,10 @@
 //! `baton demo`: what a newcomer runs first. A lab of three nodes runs the
 //! `kv` service; redis-benchmark hammers its VIP while `kv` is moved around
 //! the nodes with all its connections, and a probe client counts and times
-//! every INCR it makes. Then the lab is removed.
+//! every INCR it makes. Then the crash act: the same against `kv-ha`, a
+//! replicated `kv` (a hot clone on every node), whose primary's host is
+//! crashed mid-benchmark; a clone takes over every connection. Then the lab
+//! is removed.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
@@ -29,7 +32,11 @@ pub struct DemoArgs {
     /// Time between two moves, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     move_every_ms: u64,
-    /// Print one JSON line: {"moves","ops","client_errors","max_pause_ms"}.
+    /// Requests redis-benchmark makes per test in the crash act.
+    #[arg(long, default_value_t = 10_000)]
+    crash_requests: u64,
+    /// Print one JSON line: {"moves","ops","client_errors","max_pause_ms",
+    /// "crashed","crash_ops","crash_client_errors","crash_max_pause_ms"}.
     #[arg(long)]
     json: bool,
     /// Give up (counting a client error) if redis-benchmark runs longer.
@@ -47,7 +54,14 @@ struct DemoReport {
     ops: u64,
     client_errors: u64,
     max_pause_ms: f64,
+    /// The host crashed in the crash act (the replicated service's primary).
+    crashed: String,
+    crash_ops: u64,
+    crash_client_errors: u64,
+    crash_max_pause_ms: f64,
 }
+
+const CRASH_TESTS: &str = "set,get,incr,lpush";
 
 const TESTS: &str = "ping,set,get,incr,lpush,rpush,lpop,rpop,sadd,hset,mset";
 
@@ -64,20 +78,24 @@ pub fn run(args: DemoArgs) -> Result<i32> {
         lab.name()
     ));
     let bin = std::env::current_exe().context("locating the baton binary")?;
+    let ha_vip = IpAddr::V4(Lab::vip(2).0);
+    let spec = |name: &str, vip: IpAddr, replicated: bool| ServiceSpec {
+        name: name.into(),
+        kind: "kv".into(),
+        vip,
+        prefix_len: 16,
+        ports: vec![KV_PORT],
+        preferred_node: "node1".into(),
+        replicated,
+    };
     let cluster = Cluster::start(
         lab,
         &bin,
-        &[ServiceSpec {
-            name: "kv".into(),
-            kind: "kv".into(),
-            vip,
-            prefix_len: 16,
-            ports: vec![KV_PORT],
-            preferred_node: "node1".into(),
-            replicated: false,
-        }],
+        &[spec("kv", vip, false), spec("kv-ha", ha_vip, true)],
     )?;
-    say("three `baton node` processes up; kv runs on node1".into());
+    say(format!(
+        "three `baton node` processes up; kv runs on node1; kv-ha (replicated, at {ha_vip}:{KV_PORT}) has its primary on node1 and a clone on the others"
+    ));
 
     let mut bench = cluster
         .lab
@@ -159,11 +177,21 @@ pub fn run(args: DemoArgs) -> Result<i32> {
             .lines()
             .filter(|l| l.to_lowercase().contains("error"))
             .count() as u64;
+
+    say(format!(
+        "\nthe crash act: redis-benchmark -c 20 -n {} -t {CRASH_TESTS} and the probe against kv-ha, then its primary's host loses power",
+        args.crash_requests
+    ));
+    let crash = crash_act(&cluster, ha_vip, &args, &say)?;
     let report = DemoReport {
         moves,
         ops: args.requests * tests + probe.ops,
         client_errors: bench_errors + probe.errors,
         max_pause_ms: probe.max_pause.as_secs_f64() * 1e3,
+        crashed: crash.crashed,
+        crash_ops: crash.ops,
+        crash_client_errors: crash.client_errors,
+        crash_max_pause_ms: crash.max_pause.as_secs_f64() * 1e3,
     };
     let config = cluster.config_path("node1")?;
     if args.keep {
@@ -188,6 +216,19 @@ pub fn run(args: DemoArgs) -> Result<i32> {
                 "MISMATCH"
             }
         );
+        println!(
+            "crash of {} (kv-ha's primary) mid-benchmark: {} operations, {} client errors, longest pause a client saw: {:.1} ms; its probe counted {} INCRs ({})",
+            report.crashed,
+            report.crash_ops,
+            report.crash_client_errors,
+            report.crash_max_pause_ms,
+            crash.probe_ops,
+            if crash.counter_exact {
+                "nothing lost, nothing repeated"
+            } else {
+                "MISMATCH"
+            }
+        );
         if args.keep {
             let lab = &args.name;
             println!("\nthe lab and its nodes keep running; try:");
@@ -203,12 +244,140 @@ pub fn run(args: DemoArgs) -> Result<i32> {
         }
     }
     Ok(
-        if report.client_errors == 0 && move_errors == 0 && probe.final_value == probe.ops {
+        if report.client_errors == 0
+            && move_errors == 0
+            && probe.final_value == probe.ops
+            && report.crash_client_errors == 0
+            && crash.counter_exact
+        {
             0
         } else {
             1
         },
     )
+}
+
+struct CrashAct {
+    crashed: String,
+    ops: u64,
+    client_errors: u64,
+    max_pause: Duration,
+    probe_ops: u64,
+    counter_exact: bool,
+}
+
+/// redis-benchmark and the probe against the replicated `kv-ha`; two
+/// seconds in, its primary's host crashes (link down, every process
+/// killed, sockets and VIPs cleared). A clone takes over the connections.
+fn crash_act(
+    cluster: &Cluster,
+    vip: IpAddr,
+    args: &DemoArgs,
+    say: &dyn Fn(String),
+) -> Result<CrashAct> {
+    let primary = wait_primary(cluster, "kv-ha", &["node1", "node2", "node3"])?;
+    let mut bench = cluster
+        .lab
+        .command("client1", "redis-benchmark")?
+        .args(["-h", &vip.to_string(), "-p", &KV_PORT.to_string()])
+        .args([
+            "-c",
+            "20",
+            "-n",
+            &args.crash_requests.to_string(),
+            "-q",
+            "-t",
+            CRASH_TESTS,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting redis-benchmark (install redis-tools: scripts/setup.sh)")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let probe = start_probe(cluster, vip, stop.clone())?;
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.lab.crash(&primary)?;
+    let crashed_at = Instant::now();
+    say(format!(
+        "crashed {primary}: link down, every process killed"
+    ));
+    let survivors: Vec<&str> = ["node1", "node2", "node3"]
+        .into_iter()
+        .filter(|n| *n != primary)
+        .collect();
+    let new_primary = wait_primary(cluster, "kv-ha", &survivors)?;
+    say(format!(
+        "{new_primary} is kv-ha's primary ({} ms after the crash, as its status answered)",
+        crashed_at.elapsed().as_millis()
+    ));
+    let deadline = Instant::now() + Duration::from_secs(args.max_seconds);
+    let mut gave_up = false;
+    let done = loop {
+        if let Some(status) = bench.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            gave_up = true;
+            let _ = bench.kill();
+            break bench.wait()?;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    stop.store(true, Ordering::Relaxed);
+    let probe = probe
+        .join()
+        .map_err(|_| anyhow!("the probe client panicked"))?;
+    let mut out = String::new();
+    if let Some(mut s) = bench.stdout.take() {
+        s.read_to_string(&mut out)?;
+    }
+    let mut err = String::new();
+    if let Some(mut s) = bench.stderr.take() {
+        s.read_to_string(&mut err)?;
+    }
+    say(format!("redis-benchmark:\n{}", out.trim_end()));
+    let errors = u64::from(!done.success() || gave_up)
+        + (out + &err)
+            .lines()
+            .filter(|l| l.to_lowercase().contains("error"))
+            .count() as u64;
+    Ok(CrashAct {
+        crashed: primary,
+        ops: args.crash_requests * CRASH_TESTS.split(',').count() as u64 + probe.ops,
+        client_errors: errors + probe.errors,
+        max_pause: probe.max_pause,
+        probe_ops: probe.ops,
+        counter_exact: probe.final_value == probe.ops,
+    })
+}
+
+/// The node `ctl status` of `nodes` names as the service's primary, once
+/// one does.
+fn wait_primary(cluster: &Cluster, service: &str, nodes: &[&str]) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        for n in nodes {
+            let Ok(status) = cluster.request(n, &serde_json::json!({"op": "status"})) else {
+                continue;
+            };
+            let primary = status["services"].as_array().and_then(|services| {
+                services.iter().find(|s| s["name"] == service)?["log"]
+                    .as_array()?
+                    .iter()
+                    .find(|l| l["role"] == "primary" && l["node"] == *n)
+                    .map(|_| n.to_string())
+            });
+            if let Some(p) = primary {
+                return Ok(p);
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(anyhow!(
+                "{service} has no primary among {nodes:?} after 30 s"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 struct ProbeResult {

@@ -51,7 +51,8 @@ enum LabCommand {
         host: String,
         fault: Fault,
     },
-    /// Power loss: kills every process in the host and takes its link down.
+    /// Power loss: takes the host's link down, kills every process in it,
+    /// and clears its TCP sockets and extra addresses (VIPs).
     Crash {
         #[arg(long, default_value = "lab")]
         name: String,
