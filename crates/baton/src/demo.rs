@@ -162,6 +162,9 @@ pub fn run(args: DemoArgs) -> Result<i32> {
     let probe = probe
         .join()
         .map_err(|_| anyhow!("the probe client panicked"))?;
+    if let Some(f) = &probe.failure {
+        say(format!("the probe failed: {f}"));
+    }
     let mut out = String::new();
     if let Some(mut s) = bench.stdout.take() {
         s.read_to_string(&mut out)?;
@@ -327,6 +330,9 @@ fn crash_act(
     let probe = probe
         .join()
         .map_err(|_| anyhow!("the probe client panicked"))?;
+    if let Some(f) = &probe.failure {
+        say(format!("the probe failed: {f}"));
+    }
     let mut out = String::new();
     if let Some(mut s) = bench.stdout.take() {
         s.read_to_string(&mut out)?;
@@ -383,6 +389,8 @@ fn wait_primary(cluster: &Cluster, service: &str, nodes: &[&str]) -> Result<Stri
 struct ProbeResult {
     ops: u64,
     errors: u64,
+    /// What ended the probe early, if anything did.
+    failure: Option<String>,
     max_pause: Duration,
     final_value: u64,
 }
@@ -405,6 +413,7 @@ fn start_probe(
         let mut result = ProbeResult {
             ops: 0,
             errors: 0,
+            failure: None,
             max_pause: Duration::ZERO,
             final_value: 0,
         };
@@ -412,16 +421,29 @@ fn start_probe(
         let mut buf = [0u8; 64];
         while !stop.load(Ordering::Relaxed) {
             let started = Instant::now();
-            if s.write_all(cmd).is_err() {
+            if let Err(e) = s.write_all(cmd) {
                 result.errors += 1;
+                result.failure = Some(format!("after {} INCRs, writing: {e}", result.ops));
                 break;
             }
             let mut got = Vec::new();
             while !got.ends_with(b"\r\n") {
                 match s.read(&mut buf) {
                     Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
-                    _ => {
+                    // A signal to this process (the lab reaping a killed
+                    // node): a read with a timeout is not restarted.
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    other => {
                         result.errors += 1;
+                        result.failure = Some(format!(
+                            "after {} INCRs, {:?} into a reply, reading: {}",
+                            result.ops,
+                            started.elapsed(),
+                            match other {
+                                Ok(_) => "the connection was closed".to_owned(),
+                                Err(e) => e.to_string(),
+                            }
+                        ));
                         return result;
                     }
                 }

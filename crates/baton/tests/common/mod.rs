@@ -302,7 +302,7 @@ pub fn paced_echo_stream(
         let mut last = Instant::now();
         let mut longest_gap = Duration::ZERO;
         loop {
-            let n = reader.read(&mut buf).expect("echo read");
+            let n = read_retrying(&mut reader, &mut buf).expect("echo read");
             if n == 0 {
                 break;
             }
@@ -353,7 +353,7 @@ pub fn incr_probe(
             reply.clear();
             let mut byte = [0u8; 1];
             while !reply.ends_with(b"\r\n") {
-                let n = s.read(&mut byte).expect("INCR read");
+                let n = read_retrying(&mut s, &mut byte).expect("INCR read");
                 assert_eq!(n, 1, "INCR probe: connection closed");
                 reply.push(byte[0]);
             }
@@ -368,4 +368,15 @@ pub fn incr_probe(
             longest_wait,
         }
     })
+}
+
+/// `read`, again after a signal: a read with a timeout is not restarted,
+/// and the lab reaps the processes it kills.
+pub fn read_retrying(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match r.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
 }
