@@ -627,15 +627,17 @@ async fn handle_control(node: &Arc<Node>, req: ControlRequest) -> ControlReply {
                             .join(", ")
                     ));
                 }
-                if node.cfg.services.iter().any(|s| s.name == service && s.replicated) {
-                    return Err(format!(
-                        "service {service:?} is replicated: moving its primary (a leader transfer with its connections) is not built yet"
-                    ));
-                }
-                let here = node
-                    .slots()
-                    .get(&service)
-                    .is_some_and(|s| s.runtime.is_some() || s.moving);
+                let replicated = node.slots().get(&service).and_then(|s| s.replicated.clone());
+                let here = match &replicated {
+                    Some(r) => r
+                        .status()
+                        .await
+                        .is_some_and(|s| s.role == ServiceRole::Primary),
+                    None => node
+                        .slots()
+                        .get(&service)
+                        .is_some_and(|s| s.runtime.is_some() || s.moving),
+                };
                 if here {
                     return move_out(node, &service, &to).await;
                 }
@@ -686,6 +688,20 @@ async fn move_out(node: &Arc<Node>, service: &str, to: &str) -> Result<MoveSumma
         .peers
         .get(to)
         .ok_or_else(|| format!("unknown node {to:?}"))?;
+    let replicated = node.slots().get(service).and_then(|s| s.replicated.clone());
+    if let Some(r) = replicated {
+        // The clone there is current: the lead passes, and the new primary
+        // rebuilds the connections from the log, as after a failure.
+        let handed = r.hand_over(to).await?;
+        tracing::info!(service, to, connections = handed.connections, paused_ms = handed.paused.as_secs_f64() * 1e3, "primary handed over");
+        return Ok(MoveSummary {
+            service: service.to_owned(),
+            from: node.cfg.node.clone(),
+            to: to.to_owned(),
+            connections: handed.connections,
+            freeze_ms: handed.paused.as_secs_f64() * 1e3,
+        });
+    }
     let (runtime, vip, listeners) = {
         let mut slots = node.slots();
         let slot = slots

@@ -176,3 +176,16 @@ fn a_killed_primary_daemon_says_nothing_and_loses_no_connection() {
         );
     }
 }
+
+#[test]
+fn a_planned_move_passes_the_lead_and_every_connection() {
+    let _deadline = Deadline::start(
+        "a_planned_move_passes_the_lead_and_every_connection",
+        Duration::from_secs(240),
+    );
+    failover_under_load("fm", |c| {
+        let kv = c.move_service("node1", "kv", "node2").unwrap();
+        let echo = c.move_service("node3", "echo", "node3").unwrap();
+        eprintln!("moves: kv paused {kv:.1} ms, echo paused {echo:.1} ms");
+    });
+}

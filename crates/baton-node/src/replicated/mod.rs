@@ -181,6 +181,16 @@ pub fn timestamp_margin(election_timeout: Duration) -> Duration {
 
 enum Command {
     Status(oneshot::Sender<ReplicaStatus>),
+    HandOver(String, oneshot::Sender<Result<HandedOver, String>>),
+}
+
+/// A planned move of the primary to a clone.
+#[derive(Debug, Clone, Copy)]
+pub struct HandedOver {
+    /// Connections the new primary takes over.
+    pub connections: usize,
+    /// From this node's last answer to the lead's arrival there.
+    pub paused: Duration,
 }
 
 /// Handle to a replicated service's loop on this node.
@@ -242,6 +252,17 @@ impl ReplicatedService {
         };
         let task = tokio::spawn(lp.run(listeners, queue, events, command_rx, conn_rx, answer_rx));
         Ok(ReplicatedService { commands, task })
+    }
+
+    /// Hands the primary's role, and with it every connection, to the
+    /// clone on node `to` (a planned move).
+    pub async fn hand_over(&self, to: &str) -> Result<HandedOver, String> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::HandOver(to.to_owned(), tx))
+            .map_err(|_| "the service's loop is gone".to_owned())?;
+        rx.await
+            .map_err(|_| "the service's loop is gone".to_owned())?
     }
 
     /// The service as this node runs it, or None once the loop ended.
@@ -448,6 +469,10 @@ impl Loop {
                             None => true,
                         };
                         let _ = reply.send(self.status(learner));
+                    }
+                    Some(Command::HandOver(to, reply)) => {
+                        let result = self.hand_over(&to, queue.get_mut()).await;
+                        let _ = reply.send(result);
                     }
                     None => return,
                 },
@@ -746,6 +771,54 @@ impl Loop {
                 }
             }
         });
+    }
+
+    /// A planned move: this primary goes silent first (its sockets closed
+    /// without a word, the VIP released, the packets waiting for a commit
+    /// dropped: their entries reach the new primary anyway), then passes
+    /// the lead to `to`'s clone, which takes over as after a failure. The
+    /// silence comes first because the lead's transfer does not wait for
+    /// anyone's lease. If the lead does not pass, this node serves again,
+    /// rebuilding its connections from the log.
+    async fn hand_over(&mut self, to: &str, queue: &mut NfQueue) -> Result<HandedOver, String> {
+        if !self.primary {
+            return Err(format!("{} is not the service's primary", self.cfg.node));
+        }
+        if to == self.cfg.node {
+            return Err(format!("the service's primary already is {to}"));
+        }
+        let status = self
+            .group
+            .status()
+            .await
+            .ok_or_else(|| "the service's log stopped".to_owned())?;
+        let id = status
+            .membership
+            .voters
+            .iter()
+            .find(|(_, m)| m.name == to)
+            .map(|(id, _)| *id)
+            .ok_or_else(|| format!("{to} is no voter of the service's log"))?;
+        let started = tokio::time::Instant::now();
+        let connections = self.conns.len();
+        self.on_deposed(queue).await;
+        match self.group.transfer_leader(id).await {
+            Ok(()) => {
+                self.leader = false;
+                Ok(HandedOver {
+                    connections,
+                    paused: started.elapsed(),
+                })
+            }
+            Err(e) => {
+                if matches!(self.group.status().await, Some(s) if s.role == Role::Leader) {
+                    self.take_over().await;
+                } else {
+                    self.leader = false;
+                }
+                Err(format!("the lead did not pass to {to}: {e}"))
+            }
+        }
     }
 
     /// No longer leads: stops answering for the VIP at once.
