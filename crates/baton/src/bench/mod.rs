@@ -59,13 +59,13 @@ replies. Times in ms, rates per second.
 
 A failover run lasts 10 s; node1 (the primary, keepalived's master) crashes
 at 3 s. The crash: the instant before node1's link goes down. stall: per
-connection, from the crash to its first reply completed after it.
-client_errors: as above, plus one per connection without a reply after the
-crash. detect_ms: crash -> a new primary is known (keepalived: the VIP is
-local on node2; baton: the survivor that took the VIP says it is kv's
-primary in ctl status, asked every 20 ms from then on). vip_ms: crash -> the VIP is local on a survivor.
-takeover_ms: crash -> the first reply on any connection. mode: unicast (the
-VIP on one host at a time) for both.";
+connection, from the crash to its first reply completed once a survivor
+holds the VIP. client_errors: as above, plus one per connection without
+such a reply. detect_ms: crash -> a new primary is known (keepalived: the
+VIP is local on node2; baton: the survivor that took the VIP says it is
+kv's primary in ctl status, asked then, after 10 ms, doubling). vip_ms: crash
+-> the VIP is local on a survivor. takeover_ms: the smallest stall. mode:
+unicast (the VIP on one host at a time) for both.";
 
 #[derive(Args)]
 #[command(after_help = KEYS_HELP)]

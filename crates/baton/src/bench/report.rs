@@ -520,18 +520,18 @@ pub fn failover(
     let _ = writeln!(md, "## Metrics\n");
     let _ = writeln!(
         md,
-        "*The crash* is the instant before node1's link goes down (the first step of the crash, taken alone so that its end is known: a reply completed after it can only come from the system that took over).\n\n\
+        "*The crash* is the instant before node1's link goes down (the first step of the crash, taken alone so that its instant is known).\n\n\
 | key | meaning |\n|---|---|\n\
 | mode | how the VIP is placed: `unicast`, on one host at a time |\n\
-| stall_ms_p50/p99/max | per client connection: from the crash to its first reply completed after it (over the connections that got one) |\n\
+| stall_ms_p50/p99/max | per client connection: from the crash to its first reply completed once a survivor holds the VIP (over the connections that got one; a reply completed before can only be node1's, sent before its link went down and read late by a client kept waiting for a CPU) |\n\
 | client_errors | broken connections (reset, end of stream, {} s without a reply), failed connects and error replies over the run, plus one per connection that got no reply after the crash |\n\
 | resets | the system's client host's kernel counters, from before connecting to before the workload's own close: RSTs sent + established connections reset + connections aborted |\n\
 | keys_lost | distinct acknowledged keys that a read (a GET during the run, or the final read-back of every key) found missing or older than their last acknowledged write |\n\
-| detect_ms | from the crash until a new primary is known. keepalived: the VIP is a local address of node2. baton: the survivor that took the VIP says it is kv's primary in its `ctl status` (it says so once it holds the VIP and has rebuilt the connections); a survivor's status waits up to 0.8 s for its dead peer, so from the moment the VIP appears that node is asked every {} ms, each request on its own, and the figure is when the first request answered \"primary\" was sent (never before the VIP; at most one interval late; early by up to the rebuild, as a node busy taking over answers its status once done) |\n\
-| takeover_ms | from the crash to the first reply on any connection: the service answers again |\n\
+| detect_ms | from the crash until a new primary is known. keepalived: the VIP is a local address of node2. baton: the survivor that took the VIP says it is kv's primary in its `ctl status` (it says so once it holds the VIP and has rebuilt the connections); a survivor's status waits up to 0.8 s for its dead peer, so from the moment the VIP appears that node is asked at once, then after {} ms, doubling the gap each time (a status serializes and digests the service's whole state on the task that serves its clients), and the figure is when the first request answered \"primary\" was sent (never before the VIP; late by at most the last gap; early by up to the rebuild, as a node busy taking over answers its status once done) |\n\
+| takeover_ms | from the crash to the first reply on any connection (the smallest stall): the service answers again |\n\
 | vip_ms | from the crash until the VIP is a local address of a survivor (both systems; watched every 0.2 ms) |\n",
         REQUEST_TIMEOUT.as_secs(),
-        failover::POLL_EVERY.as_millis()
+        failover::POLL_FIRST.as_millis()
     );
     let _ = writeln!(md, "## Results (medians over repeats)\n");
     results_table(&mut md, lines, failover::METRIC_KEYS, |l| {
