@@ -144,12 +144,13 @@ pub fn wait_local(lab: &Lab, host: &str, addr: IpAddr, timeout: Duration) -> Res
 /// each one's namespace (polling every 0.2 ms). `already` tells whether it
 /// was local on one of them before the watch began.
 pub struct VipWatch {
-    threads: Vec<(
-        String,
-        std::thread::JoinHandle<Result<Option<Instant>, baton_net::netns::NetnsError>>,
-    )>,
+    /// Each host, and its watching thread.
+    threads: Vec<(String, WatchThread)>,
     pub already: bool,
 }
+
+/// A thread watching one host: when the address became local there.
+type WatchThread = std::thread::JoinHandle<Result<Option<Instant>, baton_net::netns::NetnsError>>;
 
 impl VipWatch {
     pub fn start(lab: &Lab, hosts: &[&str], addr: IpAddr, timeout: Duration) -> Result<VipWatch> {
