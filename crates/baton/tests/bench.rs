@@ -1,7 +1,8 @@
-//! `baton bench relocate` and `baton bench overhead` run end to end on a
+//! `baton bench relocate`, `overhead` and `failover` run end to end on a
 //! tiny workload and print JSON lines with the documented keys. These are
-//! measurements: nothing here asserts how good the figures are. Needs root,
-//! iproute2, iptables and keepalived.
+//! measurements: nothing here asserts how good the figures are, except
+//! what failover promises (no reset, no client error, no key lost when the
+//! primary's host crashes). Needs root, iproute2, iptables and keepalived.
 
 use std::io::Read;
 use std::process::{Command, Stdio};
@@ -211,4 +212,77 @@ fn overhead_runs_and_prints_json() {
         }
         assert_eq!(l["replicated_client_errors"], 0.0, "{l}");
     }
+}
+
+/// The failover benchmark end to end at a small size. Beyond the keys, it
+/// holds baton to what failover promises: the primary's host crashed, no
+/// client connection is reset and none fails or goes without a reply.
+#[test]
+fn failover_runs_and_baton_loses_no_connection() {
+    let _deadline = baton_lab::Deadline::start(
+        "failover_runs_and_baton_loses_no_connection",
+        std::time::Duration::from_secs(300),
+    );
+    if !keepalived_present() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("baton-bench-failover-{}", std::process::id()));
+    let out = baton(
+        &[
+            "bench",
+            "failover",
+            "--json",
+            "--connections",
+            "20",
+            "--out",
+            &dir.to_string_lossy(),
+        ],
+        Duration::from_secs(150),
+    );
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), 2, "one line per system: {out}");
+    for line in &lines {
+        assert_eq!(line["bench"], "failover");
+        assert_eq!(line["mode"], "unicast");
+        assert_eq!(line["connections"], 20);
+        has_keys(
+            line,
+            &[
+                "system",
+                "client_errors",
+                "resets",
+                "keys_lost",
+                "stall_ms_p50",
+                "stall_ms_p99",
+                "stall_ms_max",
+                "detect_ms",
+                "takeover_ms",
+            ],
+        );
+    }
+    let find = |name: &str| {
+        lines
+            .iter()
+            .find(|l| l["system"] == name)
+            .unwrap_or_else(|| panic!("no {name} line: {out}"))
+    };
+    let baton_line = find("baton");
+    find("keepalived");
+    assert_eq!(baton_line["resets"], 0.0, "{baton_line}");
+    assert_eq!(baton_line["client_errors"], 0.0, "{baton_line}");
+    assert_eq!(baton_line["keys_lost"], 0.0, "{baton_line}");
+    for key in ["stall_ms_max", "detect_ms", "takeover_ms"] {
+        assert!(baton_line[key].as_f64().is_some(), "{key}: {baton_line}");
+    }
+    for file in [
+        "failover.md",
+        "failover_runs.jsonl",
+        "failover_ops.png",
+        "failover_stall_cdf.png",
+    ] {
+        let meta = std::fs::metadata(dir.join(file))
+            .unwrap_or_else(|e| panic!("{file} was not written: {e}"));
+        assert!(meta.len() > 0, "{file} is empty");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

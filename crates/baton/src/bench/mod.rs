@@ -1,5 +1,6 @@
 //! `baton bench`: measurements in the lab, printed as JSON lines.
 
+mod failover;
 mod move_conns;
 mod overhead;
 mod progress;
@@ -38,6 +39,10 @@ JSON lines (--json):
     \"baton_client_errors\",\"replicated_ops_per_s\",\"replicated_ops_ratio\",
     \"replicated_latency_ms_p50\",\"replicated_latency_ms_p99\",
     \"replicated_client_errors\"}   (ratios: baton or replicated / plain)
+  failover: one line per system (baton, keepalived), medians over the
+    repeats: {\"bench\":\"failover\",\"system\",\"mode\",\"connections\",\"repeats\",
+    \"client_errors\",\"resets\",\"keys_lost\",\"stall_ms_p50\",\"stall_ms_p99\",
+    \"stall_ms_max\",\"detect_ms\",\"takeover_ms\",\"vip_ms\"}
 
 Windows of a relocate run of D seconds: warm-up [0, 0.1D) not counted,
 before [0.1D, 0.4D), switch at 0.4D, during [0.4D, 0.4D + min(2 s, 0.2D)),
@@ -50,7 +55,17 @@ resets: the kernel counters (RSTs sent, established connections reset,
 aborts) of the system's own client host (client1 baton, client2
 keepalived, client3 plain, client4 replicated), from before connecting to before the
 workload's own close. client_errors: broken connections, failed connects, error
-replies. Times in ms, rates per second.";
+replies. Times in ms, rates per second.
+
+A failover run lasts 10 s; node1 (the primary, keepalived's master) crashes
+at 3 s. The crash: the instant before node1's link goes down. stall: per
+connection, from the crash to its first reply completed once a survivor
+holds the VIP. client_errors: as above, plus one per connection without
+such a reply. detect_ms: crash -> a new primary is known (keepalived: the
+VIP is local on node2; baton: the survivor that took the VIP says it is
+kv's primary in ctl status, asked then, after 10 ms, doubling). vip_ms: crash
+-> the VIP is local on a survivor. takeover_ms: the smallest stall. mode:
+unicast (the VIP on one host at a time) for both.";
 
 #[derive(Args)]
 #[command(after_help = KEYS_HELP)]
@@ -76,11 +91,11 @@ struct SizeArgs {
     #[arg(long, default_value_t = 1)]
     repeat: usize,
     /// Bytes of each value the clients SET.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = workload::VALUE_BYTES)]
     value_bytes: usize,
     /// Keys each connection writes round robin (the service's state is
     /// connections x this many keys).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = workload::KEYS_PER_CONNECTION)]
     keys_per_connection: u64,
     /// A tiny workload (for tests): 4 connections, 3 s, pipeline 1.
     #[arg(long)]
@@ -116,6 +131,25 @@ impl SizeArgs {
         relocate::check(&sizes)?;
         Ok(sizes)
     }
+}
+
+/// Sizes and output of the failover benchmark.
+#[derive(Args)]
+struct FailoverArgs {
+    /// Client connections.
+    #[arg(long, default_value_t = 100)]
+    connections: usize,
+    /// Runs of each system; the order of the systems alternates, the
+    /// figures are medians.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
+    /// Print one JSON line per system (keys: `baton bench --help`).
+    #[arg(long)]
+    json: bool,
+    /// Also write a Markdown report (failover.md) and PNG plots to this
+    /// directory.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -171,6 +205,17 @@ enum BenchCommand {
     /// ratios to the plain server's, per pipeline depth, plus one row with a
     /// single connection at pipeline 1.
     Overhead(SizeArgs),
+    /// The primary's host crashes under load: baton vs keepalived.
+    ///
+    /// The kv service under a client workload from its own client host,
+    /// node1 crashed 3 s in (`Lab::crash`: link down, every process killed,
+    /// sockets and VIPs cleared): baton with kv replicated on three nodes
+    /// (a clone takes over and rebuilds the connections), and keepalived
+    /// with the same service code as a plain server on node1 and node2.
+    /// Per connection the stall from the crash to its first reply, client
+    /// errors, resets, keys lost, the time to detect a new primary and to
+    /// the first reply. Keys: `baton bench --help`.
+    Failover(FailoverArgs),
 }
 
 pub fn run(args: BenchArgs) -> Result<i32> {
@@ -194,6 +239,14 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         ),
         BenchCommand::Relocate(a) => relocate::run(a.sizes()?, a.json, a.out),
         BenchCommand::Overhead(a) => overhead::run(a.sizes()?, a.json, a.out),
+        BenchCommand::Failover(a) => failover::run(
+            failover::Sizes {
+                connections: a.connections,
+                repeat: a.repeat,
+            },
+            a.json,
+            a.out,
+        ),
     }
 }
 
@@ -226,6 +279,38 @@ fn emit(
             }
         }
         println!();
+    }
+}
+
+/// The systems in the order of one repeat: as given in even repeats,
+/// reversed in odd ones, so that none always runs first.
+fn in_turn(systems: &[systems::System], repeat: usize) -> Vec<systems::System> {
+    let mut order = systems.to_vec();
+    if repeat % 2 == 1 {
+        order.reverse();
+    }
+    order
+}
+
+/// Adds to `line` the median over `runs` (serialized) of each of `keys`,
+/// rounded; null where no run has a figure.
+fn medians<T: serde::Serialize>(
+    line: &mut serde_json::Map<String, serde_json::Value>,
+    runs: &[T],
+    keys: &[&str],
+) {
+    let values: Vec<serde_json::Value> = runs
+        .iter()
+        .map(|m| serde_json::to_value(m).unwrap_or(serde_json::Value::Null))
+        .collect();
+    for key in keys {
+        let xs: Vec<f64> = values.iter().filter_map(|v| v[*key].as_f64()).collect();
+        let v = if xs.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::json!(stats::round3(stats::median(&xs)))
+        };
+        line.insert((*key).into(), v);
     }
 }
 

@@ -9,14 +9,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use baton_lab::Lab;
 use serde_json::json;
 
 use super::progress::Progress;
-use super::relocate::{latencies, measure, ops_per_s, Sizes};
+use super::relocate::{latencies, ops_per_s, Running, Sizes};
 use super::stats::{median, percentile, round3};
 use super::systems::{Deployment, System};
 use super::workload::WorkloadConfig;
@@ -67,15 +66,16 @@ fn one(
     (pipeline, connections): (usize, usize),
     sizes: &Sizes,
 ) -> Result<Run> {
-    let cfg = |d: &Deployment| WorkloadConfig {
-        target: d.target(),
-        connections,
-        pipeline,
-        value_bytes: sizes.value_bytes,
-        keys_per_connection: sizes.keys_per_connection,
-        request_timeout: Duration::from_secs(5),
+    let cfg = |d: &Deployment| {
+        WorkloadConfig::new(
+            d.target(),
+            connections,
+            pipeline,
+            sizes.value_bytes,
+            sizes.keys_per_connection,
+        )
     };
-    let data = measure(lab, bin, system, cfg, sizes.duration, None)?;
+    let data = Running::start(lab, bin, system, cfg)?.finish(sizes.duration)?;
     let warm = sizes.duration.mul_f64(0.1);
     let lat = latencies(&data.conns, warm, sizes.duration);
     Ok(Run {
@@ -118,11 +118,7 @@ pub fn run(sizes: Sizes, json_out: bool, out: Option<PathBuf>) -> Result<i32> {
     );
     let mut runs = Vec::new();
     for repeat in 0..sizes.repeat {
-        let order: Vec<System> = if repeat % 2 == 0 {
-            systems.to_vec()
-        } else {
-            systems.iter().rev().copied().collect()
-        };
+        let order = super::in_turn(&systems, repeat);
         for &(pipeline, conns) in &shapes {
             for &system in &order {
                 progress.start(format!(

@@ -16,12 +16,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
-use baton_lab::Lab;
+use baton_lab::{Lab, TcpCounters};
 use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::progress::Progress;
-use super::stats::{median, ms, percentile, round3};
+use super::stats::{ms, percentile, round3};
 use super::systems::{vip, Deployment, System, VipWatch};
 use super::workload::{ConnStats, Workload, WorkloadConfig};
 
@@ -39,13 +39,10 @@ pub struct Sizes {
     pub keys_per_connection: u64,
 }
 
-/// What the client workload saw in one run, with the times of the switch.
+/// What the client workload saw in one run.
 pub struct RunData {
     pub conns: Vec<ConnStats>,
     pub resets: u64,
-    /// Switch command issued / returned / VIP local on the target, from
-    /// the workload's start.
-    pub switch: Option<SwitchTimes>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -57,71 +54,123 @@ pub struct SwitchTimes {
     pub vip_local: Option<Duration>,
 }
 
-/// Deploys `system`, runs the workload for `duration` with a switch at
-/// `switch_at` (if any), tears the system down.
-pub fn measure(
+/// One run of a benchmark: a system deployed and the workload running
+/// against it, from its own client host. Dropped before [`Running::finish`]
+/// (an error mid-run), it stops the workload and tears the system down all
+/// the same.
+pub struct Running<'a> {
+    lab: &'a Lab,
+    deployment: Option<Deployment<'a>>,
+    workload: Option<Workload>,
+    client: &'static str,
+    before: TcpCounters,
+    /// The instant the workload's time stamps count from.
+    pub start: Instant,
+}
+
+impl<'a> Running<'a> {
+    /// Deploys `system`, connects the workload (configured by `cfg_for`
+    /// from the deployment) and starts it.
+    pub fn start(
+        lab: &'a Lab,
+        bin: &Path,
+        system: System,
+        cfg_for: impl FnOnce(&Deployment) -> WorkloadConfig,
+    ) -> Result<Running<'a>> {
+        let deployment = Deployment::of(system, lab, bin)?;
+        // Each system has a client host of its own, so that one system's
+        // teardown (and its late resets) never lands in another's counters.
+        let client = system.client_host();
+        let cfg = cfg_for(&deployment);
+        let connected = (|| {
+            super::systems::wait_serving(lab, client, cfg.target, Duration::from_secs(20))?;
+            let before = lab.tcp_counters(client)?;
+            Ok((before, Workload::connect(lab, client, cfg)?))
+        })();
+        match connected {
+            Ok((before, mut workload)) => Ok(Running {
+                lab,
+                deployment: Some(deployment),
+                start: workload.go(),
+                workload: Some(workload),
+                client,
+                before,
+            }),
+            Err(e) => {
+                deployment.teardown(lab);
+                Err(e)
+            }
+        }
+    }
+
+    /// The system under test.
+    pub fn deployment(&mut self) -> Result<&mut Deployment<'a>> {
+        self.deployment
+            .as_mut()
+            .ok_or_else(|| anyhow!("the system is no longer deployed"))
+    }
+
+    /// Waits until `end` from the start, stops the workload (after its
+    /// read-back) and tears the system down.
+    pub fn finish(mut self, end: Duration) -> Result<RunData> {
+        sleep_until(self.start + end);
+        // Resets over the run, up to (not including) the workload's own close.
+        let after = self.lab.tcp_counters(self.client)?;
+        let conns = self
+            .workload
+            .take()
+            .ok_or_else(|| anyhow!("the workload is already stopped"))?
+            .finish()?;
+        Ok(RunData {
+            conns,
+            resets: after.resets_since(&self.before),
+        })
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        if let Some(workload) = self.workload.take() {
+            let _ = workload.finish();
+        }
+        if let Some(deployment) = self.deployment.take() {
+            deployment.teardown(self.lab);
+        }
+    }
+}
+
+/// One relocate run: `system` deployed, the workload for `duration`, the
+/// switch at `switch_at`.
+fn measure(
     lab: &Lab,
     bin: &Path,
     system: System,
     cfg_for: impl FnOnce(&Deployment) -> WorkloadConfig,
     duration: Duration,
-    switch_at: Option<Duration>,
-) -> Result<RunData> {
-    let mut deployment = match system {
-        System::Baton => Deployment::baton(lab, bin)?,
-        System::Keepalived => Deployment::keepalived(lab, bin)?,
-        System::Plain => Deployment::plain(lab, bin)?,
-        System::Replicated => Deployment::replicated(lab, bin)?,
+    switch_at: Duration,
+) -> Result<(RunData, SwitchTimes)> {
+    let mut run = Running::start(lab, bin, system, cfg_for)?;
+    let start = run.start;
+    sleep_until(start + switch_at);
+    let watch = VipWatch::start(lab, &["node2"], IpAddr::V4(vip()), Duration::from_secs(10))?;
+    let issued = Instant::now();
+    let took_ms = run.deployment()?.switch();
+    let vip_local = if watch.already {
+        drop(watch);
+        None
+    } else {
+        watch.wait().map(|(t, _)| t)
     };
-    // Each system has a client host of its own, so that one system's
-    // teardown (and its late resets) never lands in another's counters.
-    let client = system.client_host();
-    let result = (|| {
-        let cfg = cfg_for(&deployment);
-        super::systems::wait_serving(lab, client, cfg.target, Duration::from_secs(20))?;
-        let before = lab.tcp_counters(client)?;
-        let mut workload = Workload::connect(lab, client, cfg)?;
-        let start = workload.go();
-        let mut switch = None;
-        if let Some(at) = switch_at {
-            sleep_until(start + at);
-            let watch = VipWatch::start(lab, "node2", IpAddr::V4(vip()), Duration::from_secs(10))?;
-            let issued = Instant::now();
-            let took_ms = deployment.switch();
-            let vip_local = if watch.already {
-                drop(watch);
-                None
-            } else {
-                watch.wait()
-            };
-            let took_ms = match took_ms {
-                Ok(t) => t,
-                Err(e) => {
-                    let _ = workload.finish();
-                    return Err(e);
-                }
-            };
-            switch = Some(SwitchTimes {
-                issued: issued - start,
-                took_ms,
-                vip_local: vip_local.map(|t| t.saturating_duration_since(start)),
-            });
-        }
-        sleep_until(start + duration);
-        // Resets over the run, up to (not including) the workload's own close.
-        let after = lab.tcp_counters(client)?;
-        let conns = workload.finish()?;
-        Ok(RunData {
-            conns,
-            resets: after.resets_since(&before),
-            switch,
-        })
-    })();
-    deployment.teardown(lab);
-    result
+    let switch = SwitchTimes {
+        issued: issued - start,
+        took_ms: took_ms?,
+        vip_local: vip_local.map(|t| t.saturating_duration_since(start)),
+    };
+    Ok((run.finish(duration)?, switch))
 }
 
-fn sleep_until(t: Instant) {
+/// Sleeps until `t` (not at all if it is past).
+pub fn sleep_until(t: Instant) {
     let now = Instant::now();
     if t > now {
         std::thread::sleep(t - now);
@@ -226,13 +275,9 @@ fn metrics(
     order: usize,
     duration: Duration,
     data: &RunData,
+    sw: SwitchTimes,
 ) -> Measurement {
     let (warm, switch_at, during_end) = windows(duration);
-    let sw = data.switch.unwrap_or(SwitchTimes {
-        issued: switch_at,
-        took_ms: 0.0,
-        vip_local: None,
-    });
     // A connection has recovered with its first reply completed once the
     // new owner holds the VIP (or, if it held it already, once the switch
     // command returned).
@@ -319,19 +364,7 @@ fn summary(sizes: &Sizes, system: System, pipeline: usize, runs: &[&Measurement]
     );
     line.insert("duration_s".into(), json!(sizes.duration.as_secs_f64()));
     line.insert("repeats".into(), json!(runs.len()));
-    let values: Vec<Value> = runs
-        .iter()
-        .map(|m| serde_json::to_value(m).unwrap_or(Value::Null))
-        .collect();
-    for key in METRIC_KEYS {
-        let xs: Vec<f64> = values.iter().filter_map(|v| v[*key].as_f64()).collect();
-        let v = if xs.is_empty() {
-            Value::Null
-        } else {
-            json!(round3(median(&xs)))
-        };
-        line.insert((*key).into(), v);
-    }
+    super::medians(&mut line, runs, METRIC_KEYS);
     Value::Object(line)
 }
 
@@ -345,11 +378,7 @@ pub fn run(sizes: Sizes, json_out: bool, out: Option<PathBuf>) -> Result<i32> {
     let mut runs: Vec<Measurement> = Vec::new();
     let (_, switch_at, _) = windows(sizes.duration);
     for repeat in 0..sizes.repeat {
-        let order: Vec<System> = if repeat % 2 == 0 {
-            systems.to_vec()
-        } else {
-            systems.iter().rev().copied().collect()
-        };
+        let order = super::in_turn(&systems, repeat);
         for &pipeline in &sizes.pipelines {
             for (position, &system) in order.iter().enumerate() {
                 progress.start(format!(
@@ -358,15 +387,16 @@ pub fn run(sizes: Sizes, json_out: bool, out: Option<PathBuf>) -> Result<i32> {
                     repeat + 1,
                     sizes.repeat
                 ));
-                let cfg = |d: &Deployment| WorkloadConfig {
-                    target: d.target(),
-                    connections: sizes.connections,
-                    pipeline,
-                    value_bytes: sizes.value_bytes,
-                    keys_per_connection: sizes.keys_per_connection,
-                    request_timeout: Duration::from_secs(5),
+                let cfg = |d: &Deployment| {
+                    WorkloadConfig::new(
+                        d.target(),
+                        sizes.connections,
+                        pipeline,
+                        sizes.value_bytes,
+                        sizes.keys_per_connection,
+                    )
                 };
-                let data = measure(&lab, &bin, system, cfg, sizes.duration, Some(switch_at))
+                let (data, switch) = measure(&lab, &bin, system, cfg, sizes.duration, switch_at)
                     .with_context(|| format!("{} (pipeline {pipeline})", system.name()))?;
                 runs.push(metrics(
                     system,
@@ -375,6 +405,7 @@ pub fn run(sizes: Sizes, json_out: bool, out: Option<PathBuf>) -> Result<i32> {
                     position,
                     sizes.duration,
                     &data,
+                    switch,
                 ));
                 progress.done();
             }

@@ -5,11 +5,13 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use baton_lab::cluster::{Cluster, ServiceSpec};
-use baton_lab::Lab;
+use baton_lab::{Lab, Role};
 use serde::Serialize;
 
 /// Port of the kv service in every deployment.
@@ -138,39 +140,103 @@ pub fn wait_local(lab: &Lab, host: &str, addr: IpAddr, timeout: Duration) -> Res
     .ok_or_else(|| anyhow!("{addr} did not appear on {host} within {timeout:?}"))
 }
 
-/// Watches for `addr` to become local on `host`, on a thread in its
-/// namespace (polling every 0.2 ms). `already` tells whether it was local
-/// before the watch began.
+/// Watches for `addr` to become local on any of `hosts`, on a thread in
+/// each one's namespace (polling every 0.2 ms). `already` tells whether it
+/// was local on one of them before the watch began.
 pub struct VipWatch {
-    thread: std::thread::JoinHandle<Result<Option<Instant>, baton_net::netns::NetnsError>>,
+    /// Each host, and its watching thread.
+    threads: Vec<(String, WatchThread)>,
     pub already: bool,
 }
 
+/// A thread watching one host: when the address became local there.
+type WatchThread = std::thread::JoinHandle<Result<Option<Instant>, baton_net::netns::NetnsError>>;
+
 impl VipWatch {
-    pub fn start(lab: &Lab, host: &str, addr: IpAddr, timeout: Duration) -> Result<VipWatch> {
+    pub fn start(lab: &Lab, hosts: &[&str], addr: IpAddr, timeout: Duration) -> Result<VipWatch> {
+        // Once one host has it, the others stop looking.
+        let seen = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel();
-        let thread = lab.spawn_in(host, move || {
-            let _ = tx.send(is_local(addr));
-            let deadline = Instant::now() + timeout;
-            loop {
-                if is_local(addr) {
-                    return Some(Instant::now());
+        let mut threads = Vec::new();
+        for host in hosts {
+            let (tx, seen) = (tx.clone(), seen.clone());
+            let thread = lab.spawn_in(host, move || {
+                let _ = tx.send(is_local(addr));
+                let deadline = Instant::now() + timeout;
+                loop {
+                    if is_local(addr) {
+                        seen.store(true, Ordering::Relaxed);
+                        return Some(Instant::now());
+                    }
+                    if Instant::now() > deadline || seen.load(Ordering::Relaxed) {
+                        return None;
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
                 }
-                if Instant::now() > deadline {
-                    return None;
-                }
-                std::thread::sleep(Duration::from_micros(200));
-            }
-        })?;
-        let already = rx
-            .recv_timeout(Duration::from_secs(5))
-            .map_err(|_| anyhow!("the VIP watch on {host} did not start"))?;
-        Ok(VipWatch { thread, already })
+            })?;
+            threads.push(((*host).to_owned(), thread));
+        }
+        let mut already = false;
+        for host in hosts {
+            already |= rx
+                .recv_timeout(Duration::from_secs(5))
+                .map_err(|_| anyhow!("the VIP watch on {host} did not start"))?;
+        }
+        Ok(VipWatch { threads, already })
     }
 
-    /// When the address became local (None: not within the timeout).
-    pub fn wait(self) -> Option<Instant> {
-        self.thread.join().ok()?.ok()?
+    /// When the address became local, and where (None: not within the
+    /// timeout).
+    pub fn wait(self) -> Option<(Instant, String)> {
+        self.threads
+            .into_iter()
+            .filter_map(|(host, t)| Some((t.join().ok()?.ok()??, host)))
+            .min()
+    }
+}
+
+/// Each node's role in the kv service's log (`"primary"`, `"clone"`,
+/// `"catching_up"`, ...), as `node`'s `ctl status` reports it: its own and
+/// those of the peers that answered.
+pub fn kv_roles(cluster: &Cluster, node: &str) -> Result<Vec<(String, String)>> {
+    let status = cluster.request(node, &serde_json::json!({"op": "status"}))?;
+    let logs = status["services"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "kv"))
+        .and_then(|s| s["log"].as_array())
+        .ok_or_else(|| anyhow!("{node}'s status has no log of kv: {status}"))?;
+    Ok(logs
+        .iter()
+        .filter_map(|l| {
+            Some((
+                l["node"].as_str()?.to_owned(),
+                l["role"].as_str()?.to_owned(),
+            ))
+        })
+        .collect())
+}
+
+/// Waits until node1 is kv's primary and every other node a current clone
+/// (a hot standby), as node1 sees it.
+fn wait_clones(cluster: &Cluster, timeout: Duration) -> Result<()> {
+    let nodes = cluster
+        .lab
+        .hosts()
+        .iter()
+        .filter(|h| h.role == Role::Node)
+        .count();
+    let deadline = Instant::now() + timeout;
+    loop {
+        let roles = kv_roles(cluster, "node1")?;
+        let primary = roles.iter().any(|(n, r)| n == "node1" && r == "primary");
+        let clones = roles.iter().filter(|(_, r)| r == "clone").count();
+        if primary && clones + 1 == nodes {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("kv's clones not ready within {timeout:?}: {roles:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -259,7 +325,30 @@ impl<'a> Deployment<'a> {
             cluster: Box::new(cluster),
         };
         wait_local(lab, "node1", IpAddr::V4(vip()), Duration::from_secs(20))?;
+        if replicated {
+            if let Deployment::Baton { cluster } = &d {
+                wait_clones(cluster, Duration::from_secs(20))?;
+            }
+        }
         Ok(d)
+    }
+
+    /// Deploys `system`.
+    pub fn of(system: System, lab: &'a Lab, bin: &Path) -> Result<Deployment<'a>> {
+        match system {
+            System::Baton => Deployment::baton(lab, bin),
+            System::Keepalived => Deployment::keepalived(lab, bin),
+            System::Plain => Deployment::plain(lab, bin),
+            System::Replicated => Deployment::replicated(lab, bin),
+        }
+    }
+
+    /// The baton cluster, if this is one.
+    pub fn baton_cluster(&self) -> Option<&Cluster> {
+        match self {
+            Deployment::Baton { cluster } => Some(cluster),
+            _ => None,
+        }
     }
 
     /// The standalone kv server on node1 and node2, keepalived on both;
@@ -369,8 +458,8 @@ impl<'a> Deployment<'a> {
                 l.stop(server, Duration::from_secs(5));
             }
         }
-        for node in ["node1", "node2"] {
-            if let Ok(mut cmd) = lab.command(node, "ip") {
+        for host in lab.hosts().iter().filter(|h| h.role == Role::Node) {
+            if let Ok(mut cmd) = lab.command(&host.name, "ip") {
                 let _ = cmd
                     .args(["addr", "del", &format!("{}/16", vip()), "dev", "eth0"])
                     .stdout(Stdio::null())

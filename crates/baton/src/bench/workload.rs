@@ -26,6 +26,15 @@ use baton_lab::Lab;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// How long a batch may wait for its replies before the connection is
+/// taken as broken (redis-py's and Jedis's socket timeouts are of this
+/// order).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bytes of each value the clients SET, unless told otherwise.
+pub const VALUE_BYTES: usize = 32;
+/// Keys each connection writes round robin, unless told otherwise.
+pub const KEYS_PER_CONNECTION: u64 = 1000;
+
 /// What the workload does.
 #[derive(Debug, Clone)]
 pub struct WorkloadConfig {
@@ -38,9 +47,29 @@ pub struct WorkloadConfig {
     /// Keys each connection writes, round robin (its working set).
     pub keys_per_connection: u64,
     /// How long a batch may wait for its replies before the connection is
-    /// taken as broken (redis-py's and Jedis's socket timeouts are of this
-    /// order).
+    /// taken as broken ([`REQUEST_TIMEOUT`] in every benchmark).
     pub request_timeout: Duration,
+}
+
+impl WorkloadConfig {
+    /// The benchmarks' workload against `target`: `connections` at
+    /// `pipeline`, with the given value size and working set.
+    pub fn new(
+        target: SocketAddr,
+        connections: usize,
+        pipeline: usize,
+        value_bytes: usize,
+        keys_per_connection: u64,
+    ) -> WorkloadConfig {
+        WorkloadConfig {
+            target,
+            connections,
+            pipeline,
+            value_bytes,
+            keys_per_connection,
+            request_timeout: REQUEST_TIMEOUT,
+        }
+    }
 }
 
 /// One completed request.
@@ -60,6 +89,8 @@ pub struct ConnStats {
     /// Broken connections (reset, end of stream, timeout), failed connects
     /// and error replies.
     pub errors: u64,
+    /// When each of those errors happened, microseconds since the start.
+    pub error_times_us: Vec<u64>,
     /// Successful connects after the first.
     pub reconnects: u64,
     /// Distinct keys the server acknowledged (SET answered +OK).
@@ -76,6 +107,14 @@ pub struct ConnStats {
     pub wrong_replies: u64,
     /// The read-back could not be done (no connection).
     pub readback_failed: bool,
+}
+
+impl ConnStats {
+    /// Counts an error that happened `at_us` after the start.
+    fn error(&mut self, at_us: u64) {
+        self.errors += 1;
+        self.error_times_us.push(at_us);
+    }
 }
 
 /// Starts the workload on a thread inside `host`. It connects every
@@ -291,7 +330,7 @@ async fn connection(
                     backoff = Duration::ZERO;
                 }
                 Err(_) => {
-                    st.errors += 1;
+                    st.error(start.elapsed().as_micros() as u64);
                     backoff =
                         (backoff * 2).clamp(Duration::from_millis(5), Duration::from_millis(200));
                 }
@@ -342,11 +381,13 @@ async fn connection(
                     match parse_reply(&inbuf[at..]) {
                         Ok(Some((reply, used))) => {
                             at += used;
+                            let done_us = now.duration_since(start).as_micros() as u64;
                             st.records.push(Rec {
-                                done_us: now.duration_since(start).as_micros() as u64,
+                                done_us,
                                 latency_us: now.duration_since(sent).as_micros() as u32,
                             });
-                            check(&mut st, &mut acked, id, keys, ops[answered], reply);
+                            let op = ops[answered];
+                            check(&mut st, &mut acked, (id, keys), op, reply, done_us);
                             answered += 1;
                         }
                         Ok(None) => break,
@@ -360,7 +401,7 @@ async fn connection(
         match tokio::time::timeout(cfg.request_timeout, exchange).await {
             Ok(Ok(())) => {}
             Ok(Err(())) | Err(_) => {
-                st.errors += 1;
+                st.error(start.elapsed().as_micros() as u64);
                 stream = None;
             }
         }
@@ -371,9 +412,18 @@ async fn connection(
     st
 }
 
-fn check(st: &mut ConnStats, acked: &mut Acked, id: usize, keys: u64, op: Op, reply: Reply) {
+/// Checks the reply to `op` of connection `id` (with `keys` keys),
+/// completed `done_us` after the start.
+fn check(
+    st: &mut ConnStats,
+    acked: &mut Acked,
+    (id, keys): (usize, u64),
+    op: Op,
+    reply: Reply,
+    done_us: u64,
+) {
     match (op, reply) {
-        (_, Reply::Error) => st.errors += 1,
+        (_, Reply::Error) => st.error(done_us),
         (Op::Set(n), Reply::Simple(ok)) if ok == b"OK" => acked.ack(n % keys, n),
         (Op::Get { slot, .. }, Reply::Bulk(None)) => {
             st.get_misses += 1;
