@@ -557,8 +557,8 @@ impl Lab {
 
     /// Power loss of `host`, in the order that lets nothing escape: its
     /// link goes down first, then every process in it is killed, then its
-    /// TCP sockets and its extra addresses (VIPs) are cleared, as a reboot
-    /// would. (Killed first, its kernel would send the FINs and RSTs of the
+    /// TCP sockets, its packet filter and its extra addresses (VIPs) are
+    /// cleared, as a reboot would. (Killed first, its kernel would send the FINs and RSTs of the
     /// dead processes' sockets; and orphaned sockets or a VIP left behind
     /// would speak again on link-up.) `fault(host, LinkUp)` brings the
     /// link back, to a host with its own addresses only.
@@ -575,6 +575,29 @@ impl Lab {
             .status();
         if let Err(e) = ss {
             tracing::warn!(host, error = %e, "clearing a crashed host's sockets");
+        }
+        // A reboot starts with an empty packet filter: the killed
+        // processes' rules (a capture queue nobody reads drops every
+        // segment to the VIP) must not outlive them.
+        for tool in ["iptables", "ip6tables"] {
+            for table in ["raw", "mangle", "nat", "filter"] {
+                for op in ["-F", "-X"] {
+                    let status = baton_net::netns::command_in(&h.netns, tool)
+                        .args(["-w", "-t", table, op])
+                        .stdout(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::null())
+                        .status();
+                    if !status.is_ok_and(|s| s.success()) {
+                        tracing::warn!(
+                            host,
+                            tool,
+                            table,
+                            op,
+                            "clearing a crashed host's packet filter"
+                        );
+                    }
+                }
+            }
         }
         let own = [h.ipv4.to_string(), h.ipv6.to_string()];
         for link in ip_json(&["-n", &h.netns, "addr", "show"])? {

@@ -464,7 +464,7 @@ async fn log_statuses(node: &Node) -> Vec<(String, LogStatus)> {
                 if let Some(rs) = r.status().await {
                     s.role = role_name(rs.role).to_owned();
                     s.applied_index = rs.applied_index;
-                    s.state_digest = Some(rs.state_digest);
+                    s.state_digest = rs.state_digest;
                     s.stream_mismatches = Some(rs.stream_mismatches);
                     s.malformed_dropped = Some(rs.malformed_dropped);
                     s.last_takeover = rs.last_takeover;
@@ -627,7 +627,10 @@ async fn handle_control(node: &Arc<Node>, req: ControlRequest) -> ControlReply {
                             .join(", ")
                     ));
                 }
-                let replicated = node.slots().get(&service).and_then(|s| s.replicated.clone());
+                let replicated = node
+                    .slots()
+                    .get(&service)
+                    .and_then(|s| s.replicated.clone());
                 let here = match &replicated {
                     Some(r) => r
                         .status()
@@ -693,7 +696,13 @@ async fn move_out(node: &Arc<Node>, service: &str, to: &str) -> Result<MoveSumma
         // The clone there is current: the lead passes, and the new primary
         // rebuilds the connections from the log, as after a failure.
         let handed = r.hand_over(to).await?;
-        tracing::info!(service, to, connections = handed.connections, paused_ms = handed.paused.as_secs_f64() * 1e3, "primary handed over");
+        tracing::info!(
+            service,
+            to,
+            connections = handed.connections,
+            paused_ms = handed.paused.as_secs_f64() * 1e3,
+            "primary handed over"
+        );
         return Ok(MoveSummary {
             service: service.to_owned(),
             from: node.cfg.node.clone(),

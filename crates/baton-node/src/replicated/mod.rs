@@ -65,6 +65,9 @@ const CAPTURE_BATCH: usize = 256;
 /// Committed entries applied before their verdicts are sent.
 const EVENT_BATCH: usize = 256;
 
+/// Least time between two state digests computed for `ctl status`.
+pub const DIGEST_EVERY: Duration = Duration::from_secs(1);
+
 /// A service's role on this node, as `ctl status` shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -84,8 +87,11 @@ pub struct ReplicaStatus {
     pub role: ServiceRole,
     pub applied_index: u64,
     /// Hex SHA-256 of the state built from entries up to `applied_index`:
-    /// equal on every node at equal index.
-    pub state_digest: String,
+    /// equal on every node at equal index. Hashing the whole state is
+    /// costly and runs on the service's own task, so it is computed at
+    /// most once per [`DIGEST_EVERY`] while the index moves: None when the
+    /// index moved since (a busy service), always there once idle.
+    pub state_digest: Option<String>,
     pub connections: usize,
     /// Segments dropped as malformed by the capture path.
     pub malformed_dropped: u64,
@@ -248,6 +254,7 @@ impl ReplicatedService {
             digests_sent: HashMap::new(),
             stream_mismatches: 0,
             last_takeover: None,
+            digest_cache: None,
             _rules: rules,
         };
         let task = tokio::spawn(lp.run(listeners, queue, events, command_rx, conn_rx, answer_rx));
@@ -382,6 +389,8 @@ struct Loop {
     digests_sent: HashMap<ConnKey, u64>,
     stream_mismatches: u64,
     last_takeover: Option<Takeover>,
+    /// The last state digest computed: index, hex digest, when.
+    digest_cache: Option<(u64, String, tokio::time::Instant)>,
     _rules: CaptureRules,
 }
 
@@ -468,7 +477,8 @@ impl Loop {
                             Some(s) => s.membership.learners.contains_key(&s.id),
                             None => true,
                         };
-                        let _ = reply.send(self.status(learner));
+                        let status = self.status(learner);
+                        let _ = reply.send(status);
                     }
                     Some(Command::HandOver(to, reply)) => {
                         let result = self.hand_over(&to, queue.get_mut()).await;
@@ -1072,7 +1082,22 @@ impl Loop {
         }
     }
 
-    fn status(&self, learner: bool) -> ReplicaStatus {
+    /// The state digest at the applied index, from the cache when the
+    /// index did not move, computed again at most once per
+    /// [`DIGEST_EVERY`].
+    fn state_digest(&mut self) -> Option<String> {
+        let index = self.replica.applied_index();
+        match &self.digest_cache {
+            Some((i, d, _)) if *i == index => return Some(d.clone()),
+            Some((_, _, at)) if at.elapsed() < DIGEST_EVERY => return None,
+            _ => {}
+        }
+        let d = baton_core::replica::digest::hex(&self.replica.state_digest());
+        self.digest_cache = Some((index, d.clone(), tokio::time::Instant::now()));
+        Some(d)
+    }
+
+    fn status(&mut self, learner: bool) -> ReplicaStatus {
         let role = if self.primary {
             ServiceRole::Primary
         } else if learner || !self.replica.is_current() {
@@ -1083,7 +1108,7 @@ impl Loop {
         ReplicaStatus {
             role,
             applied_index: self.replica.applied_index(),
-            state_digest: baton_core::replica::digest::hex(&self.replica.state_digest()),
+            state_digest: self.state_digest(),
             connections: self.conns.len(),
             malformed_dropped: self.capture.counters().malformed,
             waiting_commit: self.capture.waiting(),

@@ -347,26 +347,9 @@ fn one(
     result
 }
 
-/// Brings a crashed host back as a reboot would: its link up, and its
-/// packet filter empty (`Lab::crash` clears sockets and VIPs, but the
-/// capture rules of a killed `baton node` stay, and with nobody reading
-/// their queue they drop every segment to the VIP's port).
+/// Brings a crashed host back: `Lab::crash` left it as after a reboot
+/// (no sockets, VIPs or packet filter rules), with its link down.
 fn power_on(lab: &Lab, host: &str) -> Result<()> {
-    for tool in ["iptables", "ip6tables"] {
-        for table in ["raw", "mangle", "nat", "filter"] {
-            for op in ["-F", "-X"] {
-                let status = lab
-                    .command(host, tool)?
-                    .args(["-w", "-t", table, op])
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .status()?;
-                if !status.success() {
-                    bail!("{tool} -t {table} {op} on {host}: {status}");
-                }
-            }
-        }
-    }
     lab.fault(host, Fault::LinkUp)
         .with_context(|| format!("bringing {host}'s link back"))
 }
