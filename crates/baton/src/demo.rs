@@ -97,23 +97,7 @@ pub fn run(args: DemoArgs) -> Result<i32> {
         "three `baton node` processes up; kv runs on node1; kv-ha (replicated, at {ha_vip}:{KV_PORT}) has its primary on node1 and a clone on the others"
     ));
 
-    let mut bench = cluster
-        .lab
-        .command("client1", "redis-benchmark")?
-        .args(["-h", &vip.to_string(), "-p", &KV_PORT.to_string()])
-        .args([
-            "-c",
-            "50",
-            "-n",
-            &args.requests.to_string(),
-            "-q",
-            "-t",
-            TESTS,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting redis-benchmark (install redis-tools: scripts/setup.sh)")?;
+    let mut bench = start_bench(&cluster, vip, 50, args.requests, TESTS)?;
     say(format!(
         "client1: redis-benchmark -c 50 -n {} -t {TESTS}",
         args.requests
@@ -165,21 +149,8 @@ pub fn run(args: DemoArgs) -> Result<i32> {
     if let Some(f) = &probe.failure {
         say(format!("the probe failed: {f}"));
     }
-    let mut out = String::new();
-    if let Some(mut s) = bench.stdout.take() {
-        s.read_to_string(&mut out)?;
-    }
-    let mut err = String::new();
-    if let Some(mut s) = bench.stderr.take() {
-        s.read_to_string(&mut err)?;
-    }
-    say(format!("redis-benchmark:\n{}", out.trim_end()));
+    let bench_errors = bench_errors(&mut bench, bench_done, gave_up, &say)?;
     let tests = TESTS.split(',').count() as u64;
-    let bench_errors = u64::from(!bench_done.success() || gave_up)
-        + (out + &err)
-            .lines()
-            .filter(|l| l.to_lowercase().contains("error"))
-            .count() as u64;
 
     say(format!(
         "\nthe crash act: redis-benchmark -c 20 -n {} -t {CRASH_TESTS} and the probe against kv-ha, then its primary's host loses power",
@@ -260,6 +231,51 @@ pub fn run(args: DemoArgs) -> Result<i32> {
     )
 }
 
+/// redis-benchmark on client1 against `vip`, with its default settings
+/// but these.
+fn start_bench(
+    cluster: &Cluster,
+    vip: IpAddr,
+    clients: u32,
+    requests: u64,
+    tests: &str,
+) -> Result<std::process::Child> {
+    cluster
+        .lab
+        .command("client1", "redis-benchmark")?
+        .args(["-h", &vip.to_string(), "-p", &KV_PORT.to_string()])
+        .args(["-c", &clients.to_string(), "-n", &requests.to_string()])
+        .args(["-q", "-t", tests])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting redis-benchmark (install redis-tools: scripts/setup.sh)")
+}
+
+/// Shows what redis-benchmark printed and counts its errors: a failed or
+/// stopped run counts one, and each line that reports an error one.
+fn bench_errors(
+    bench: &mut std::process::Child,
+    status: std::process::ExitStatus,
+    gave_up: bool,
+    say: &dyn Fn(String),
+) -> Result<u64> {
+    let mut out = String::new();
+    if let Some(mut s) = bench.stdout.take() {
+        s.read_to_string(&mut out)?;
+    }
+    let mut err = String::new();
+    if let Some(mut s) = bench.stderr.take() {
+        s.read_to_string(&mut err)?;
+    }
+    say(format!("redis-benchmark:\n{}", out.trim_end()));
+    Ok(u64::from(!status.success() || gave_up)
+        + (out + &err)
+            .lines()
+            .filter(|l| l.to_lowercase().contains("error"))
+            .count() as u64)
+}
+
 struct CrashAct {
     crashed: String,
     ops: u64,
@@ -279,23 +295,7 @@ fn crash_act(
     say: &dyn Fn(String),
 ) -> Result<CrashAct> {
     let primary = wait_primary(cluster, "kv-ha", &["node1", "node2", "node3"])?;
-    let mut bench = cluster
-        .lab
-        .command("client1", "redis-benchmark")?
-        .args(["-h", &vip.to_string(), "-p", &KV_PORT.to_string()])
-        .args([
-            "-c",
-            "20",
-            "-n",
-            &args.crash_requests.to_string(),
-            "-q",
-            "-t",
-            CRASH_TESTS,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting redis-benchmark (install redis-tools: scripts/setup.sh)")?;
+    let mut bench = start_bench(cluster, vip, 20, args.crash_requests, CRASH_TESTS)?;
     let stop = Arc::new(AtomicBool::new(false));
     let probe = start_probe(cluster, vip, stop.clone())?;
     std::thread::sleep(Duration::from_secs(2));
@@ -333,20 +333,7 @@ fn crash_act(
     if let Some(f) = &probe.failure {
         say(format!("the probe failed: {f}"));
     }
-    let mut out = String::new();
-    if let Some(mut s) = bench.stdout.take() {
-        s.read_to_string(&mut out)?;
-    }
-    let mut err = String::new();
-    if let Some(mut s) = bench.stderr.take() {
-        s.read_to_string(&mut err)?;
-    }
-    say(format!("redis-benchmark:\n{}", out.trim_end()));
-    let errors = u64::from(!done.success() || gave_up)
-        + (out + &err)
-            .lines()
-            .filter(|l| l.to_lowercase().contains("error"))
-            .count() as u64;
+    let errors = bench_errors(&mut bench, done, gave_up, say)?;
     Ok(CrashAct {
         crashed: primary,
         ops: args.crash_requests * CRASH_TESTS.split(',').count() as u64 + probe.ops,
