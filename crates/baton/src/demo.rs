@@ -142,13 +142,7 @@ pub fn run(args: DemoArgs) -> Result<i32> {
             }
         }
     };
-    stop.store(true, Ordering::Relaxed);
-    let probe = probe
-        .join()
-        .map_err(|_| anyhow!("the probe client panicked"))?;
-    if let Some(f) = &probe.failure {
-        say(format!("the probe failed: {f}"));
-    }
+    let probe = stop_probe(&stop, probe, &say)?;
     let bench_errors = bench_errors(&mut bench, bench_done, gave_up, &say)?;
     let tests = TESTS.split(',').count() as u64;
 
@@ -276,6 +270,22 @@ fn bench_errors(
             .count() as u64)
 }
 
+/// Stops the probe client and says why it failed, if it did.
+fn stop_probe(
+    stop: &AtomicBool,
+    probe: std::thread::JoinHandle<ProbeResult>,
+    say: &dyn Fn(String),
+) -> Result<ProbeResult> {
+    stop.store(true, Ordering::Relaxed);
+    let probe = probe
+        .join()
+        .map_err(|_| anyhow!("the probe client panicked"))?;
+    if let Some(f) = &probe.failure {
+        say(format!("the probe failed: {f}"));
+    }
+    Ok(probe)
+}
+
 struct CrashAct {
     crashed: String,
     ops: u64,
@@ -326,13 +336,7 @@ fn crash_act(
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    stop.store(true, Ordering::Relaxed);
-    let probe = probe
-        .join()
-        .map_err(|_| anyhow!("the probe client panicked"))?;
-    if let Some(f) = &probe.failure {
-        say(format!("the probe failed: {f}"));
-    }
+    let probe = stop_probe(&stop, probe, &say)?;
     let errors = bench_errors(&mut bench, done, gave_up, say)?;
     Ok(CrashAct {
         crashed: primary,

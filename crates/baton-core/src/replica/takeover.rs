@@ -37,8 +37,6 @@
 //! bytes; the client sends them again), and `ts_recent` (no TCP_REPAIR
 //! field: the kernel takes the client's next timestamp).
 
-use std::net::SocketAddr;
-
 use super::apply::ReplicaConn;
 use crate::packet::ConnKey;
 use crate::tcp_state::{seq_after, RepairWindow, SocketOptions, TcpConnState, TcpState};
@@ -94,8 +92,9 @@ pub fn conn_state(
         Vec::new()
     };
     Some(TcpConnState {
-        local: plain(key.server),
-        remote: plain(key.client),
+        // Keys come from parsed packets: plain addresses already.
+        local: key.server,
+        remote: key.client,
         state,
         send_seq: first_unacked,
         unacked,
@@ -134,10 +133,4 @@ pub fn timestamp_clock(clock: u32, at_ms: u64, now_ms: u64, margin_ms: u64) -> u
     };
     // Modulo 2^32, as the clock itself wraps.
     ((clock & !1).wrapping_add(ticks as u32) & !1) | (clock & 1)
-}
-
-/// The addresses a socket binds and connects to: packets never carry
-/// v4-mapped IPv6 addresses, flow labels or scopes.
-fn plain(addr: SocketAddr) -> SocketAddr {
-    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }

@@ -651,18 +651,15 @@ impl Loop {
         let margin = self.cfg.timestamp_margin.as_millis() as u64;
         let mut rebuilt = 0usize;
         let mut lost = Vec::new();
-        let conns: Vec<(ConnKey, bool, bool)> = self
+        let conns: Vec<_> = self
             .replica
             .connections()
-            .map(|(k, c)| (*k, c.fin_queued(), c.fully_closed()))
+            .filter_map(|(k, c)| {
+                let state = takeover::conn_state(k, c, now, margin)?;
+                Some((*k, state, c.fin_queued(), c.fully_closed()))
+            })
             .collect();
-        for (key, fin_queued, fully_closed) in conns {
-            let Some(conn) = self.replica.connection(&key) else {
-                continue;
-            };
-            let Some(state) = takeover::conn_state(&key, conn, now, margin) else {
-                continue;
-            };
+        for (key, state, fin_queued, fully_closed) in conns {
             let stream = match rebuild(&state) {
                 Ok(s) => s,
                 Err(e) => {
