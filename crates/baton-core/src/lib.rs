@@ -2,6 +2,7 @@
 //! is a deterministic function of its inputs (time is passed in), so it is
 //! tested with plain and property tests and behaves the same on every node.
 
+pub mod lease;
 pub mod log;
 pub mod packet;
 pub mod relocation;

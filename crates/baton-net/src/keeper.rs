@@ -40,8 +40,18 @@
 //! * [`Keeper::guard_address`] the VIP once it holds it, with the interface
 //!   that carries the address (the macvlan's name with a virtual MAC).
 //!
-//! Not covered: a daemon that is stopped (SIGSTOP) or hangs still holds its
-//! end, so the keeper does nothing; the lease must fence that case.
+//! # The lease
+//!
+//! A daemon that is stopped (SIGSTOP) or hangs still holds its end, so its
+//! death says nothing. Each service's primary therefore keeps a lease
+//! (`baton_core::lease`), and its raft thread tells the keeper when it ends
+//! ([`Keeper::lease`], CLOCK_MONOTONIC µs, [`crate::clock`]). Sockets and
+//! addresses are held in a *group* (one per service). When a group's lease
+//! ends without a renewal, the keeper fences that group alone: its
+//! connections are closed silently (the daemon's own copies stay in repair
+//! mode: silent) and its addresses removed, whether the daemon is stopped,
+//! hung or just late. The keeper then tells the daemon ([`Keeper::fences`]),
+//! which stops serving that service; the keeper goes on serving.
 //!
 //! # Wire format
 //!
@@ -49,10 +59,13 @@
 //! fixed little-endian fields. Daemon to keeper: `1` hold (id u64, one
 //! descriptor attached), `2` release (id u64), `3` guard (family 4|6,
 //! address 4|16 bytes, prefix length u8, name length u8, name), `4` unguard
-//! (family, address, name length, name), `5` exit, `6` sync (seq u64).
+//! (family, address, name length, name), `5` exit, `6` sync (seq u64),
+//! `7` lease (group u32, end µs u64; `u64::MAX`: none). A hold carries
+//! the group (u32) after the id, a guard after the name.
 //! Keeper to daemon: `0x81` ready (protocol version u8, pid u32), `0x82`
 //! synced (seq u64, held u64, listeners u64, guarded u32, refused u64,
-//! malformed u64). The keeper logs and ignores anything malformed.
+//! malformed u64), `0x83` fenced (group u32, sockets u64). The keeper logs
+//! and ignores anything malformed.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -81,7 +94,7 @@ pub const KEEPER_FD: RawFd = 3;
 /// [`run_keeper`] refuses to run without it.
 pub const KEEPER_FD_ENV: &str = "BATON_KEEPER_FD";
 /// Version of the wire format, checked in the ready message.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 
 /// How long [`Keeper::spawn`] waits for the keeper's ready message.
 const READY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -144,8 +157,12 @@ const T_GUARD: u8 = 3;
 const T_UNGUARD: u8 = 4;
 const T_EXIT: u8 = 5;
 const T_SYNC: u8 = 6;
+const T_LEASE: u8 = 7;
 const T_READY: u8 = 0x81;
 const T_SYNCED: u8 = 0x82;
+const T_FENCED: u8 = 0x83;
+/// The lease of a group that has none: never fenced for it.
+pub const NO_LEASE: u64 = u64::MAX;
 
 /// A message from the daemon to the keeper.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,6 +170,7 @@ enum Request {
     /// Keep the descriptor attached to this message under `id`.
     Hold {
         id: u64,
+        group: u32,
     },
     Release {
         id: u64,
@@ -161,6 +179,7 @@ enum Request {
         addr: IpAddr,
         prefix_len: u8,
         interface: String,
+        group: u32,
     },
     Unguard {
         addr: IpAddr,
@@ -172,6 +191,11 @@ enum Request {
     Sync {
         seq: u64,
     },
+    /// `group`'s lease ends at `until_us` ([`NO_LEASE`]: it has none).
+    Lease {
+        group: u32,
+        until_us: u64,
+    },
 }
 
 /// A message from the keeper to the daemon.
@@ -179,6 +203,7 @@ enum Request {
 enum Reply {
     Ready { version: u8, pid: u32 },
     Synced { seq: u64, status: KeeperStatus },
+    Fenced { group: u32, sockets: u64 },
 }
 
 /// What the keeper holds, as [`Keeper::sync`] reports it.
@@ -261,9 +286,10 @@ impl Request {
     fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(MAX_MESSAGE);
         match self {
-            Request::Hold { id } => {
+            Request::Hold { id, group } => {
                 out.push(T_HOLD);
                 out.extend_from_slice(&id.to_le_bytes());
+                out.extend_from_slice(&group.to_le_bytes());
             }
             Request::Release { id } => {
                 out.push(T_RELEASE);
@@ -273,11 +299,13 @@ impl Request {
                 addr,
                 prefix_len,
                 interface,
+                group,
             } => {
                 out.push(T_GUARD);
                 put_addr(&mut out, *addr);
                 out.push(*prefix_len);
                 put_name(&mut out, interface);
+                out.extend_from_slice(&group.to_le_bytes());
             }
             Request::Unguard { addr, interface } => {
                 out.push(T_UNGUARD);
@@ -289,6 +317,11 @@ impl Request {
                 out.push(T_SYNC);
                 out.extend_from_slice(&seq.to_le_bytes());
             }
+            Request::Lease { group, until_us } => {
+                out.push(T_LEASE);
+                out.extend_from_slice(&group.to_le_bytes());
+                out.extend_from_slice(&until_us.to_le_bytes());
+            }
         }
         out
     }
@@ -297,7 +330,10 @@ impl Request {
         let (&kind, body) = buf.split_first().ok_or(DecodeError::Empty)?;
         let mut r = Reader { kind, buf: body };
         let req = match kind {
-            T_HOLD => Request::Hold { id: r.u64()? },
+            T_HOLD => Request::Hold {
+                id: r.u64()?,
+                group: r.u32()?,
+            },
             T_RELEASE => Request::Release { id: r.u64()? },
             T_GUARD => {
                 let addr = r.addr()?;
@@ -311,6 +347,7 @@ impl Request {
                     addr,
                     prefix_len,
                     interface,
+                    group: r.u32()?,
                 }
             }
             T_UNGUARD => {
@@ -320,6 +357,10 @@ impl Request {
             }
             T_EXIT => Request::Exit,
             T_SYNC => Request::Sync { seq: r.u64()? },
+            T_LEASE => Request::Lease {
+                group: r.u32()?,
+                until_us: r.u64()?,
+            },
             other => return Err(DecodeError::UnknownType(other)),
         };
         r.end()?;
@@ -345,6 +386,11 @@ impl Reply {
                 out.extend_from_slice(&status.refused.to_le_bytes());
                 out.extend_from_slice(&status.malformed.to_le_bytes());
             }
+            Reply::Fenced { group, sockets } => {
+                out.push(T_FENCED);
+                out.extend_from_slice(&group.to_le_bytes());
+                out.extend_from_slice(&sockets.to_le_bytes());
+            }
         }
         out
     }
@@ -366,6 +412,10 @@ impl Reply {
                     refused: r.u64()?,
                     malformed: r.u64()?,
                 },
+            },
+            T_FENCED => Reply::Fenced {
+                group: r.u32()?,
+                sockets: r.u64()?,
             },
             other => return Err(DecodeError::UnknownType(other)),
         };
@@ -713,8 +763,11 @@ pub struct Keeper {
     sock: OwnedFd,
     pid: u32,
     child: Mutex<Option<Child>>,
-    /// Sequence number of the last [`Keeper::sync`]; one sync at a time.
+    /// Sequence number of the last [`Keeper::sync`]; one reader of the
+    /// keeper's replies at a time, under this lock.
     sync: Mutex<u64>,
+    /// Lease fences the keeper reported, per group.
+    fenced: Mutex<HashMap<u32, u64>>,
 }
 
 impl std::fmt::Debug for Keeper {
@@ -793,6 +846,7 @@ impl Keeper {
             pid: spawned,
             child: Mutex::new(Some(child)),
             sync: Mutex::new(0),
+            fenced: Mutex::new(HashMap::new()),
         };
         match keeper.wait_ready() {
             Ok(pid) => {
@@ -888,10 +942,66 @@ impl Keeper {
     }
 
     /// Hands the keeper a duplicate of a connection (or listening) socket
-    /// under `id` (SCM_RIGHTS: the kernel adds the reference, so `fd` stays
-    /// the caller's). A second hold under the same id replaces the first.
-    pub fn hold(&self, id: u64, fd: BorrowedFd<'_>) -> Result<(), KeeperError> {
-        self.send(&Request::Hold { id }, Some(fd))
+    /// under `id`, in `group` (SCM_RIGHTS: the kernel adds the reference,
+    /// so `fd` stays the caller's). A second hold under the same id
+    /// replaces the first.
+    pub fn hold(&self, id: u64, group: u32, fd: BorrowedFd<'_>) -> Result<(), KeeperError> {
+        self.send(&Request::Hold { id, group }, Some(fd))
+    }
+
+    /// `group`'s lease now ends at `until_us` (CLOCK_MONOTONIC,
+    /// [`crate::clock::monotonic_us`]; [`NO_LEASE`]: never). Never waits:
+    /// it is sent from the raft thread, and a renewal that does not fit
+    /// fails with [`KeeperError::Busy`] (the keeper fences at the end it
+    /// knows, which is safe).
+    pub fn lease(&self, group: u32, until_us: u64) -> Result<(), KeeperError> {
+        send_on(
+            self.sock.as_fd(),
+            &Request::Lease { group, until_us }.encode(),
+            None,
+            MsgFlags::MSG_DONTWAIT,
+        )
+    }
+
+    /// How many times the keeper fenced `group` because its lease ended,
+    /// since start. Reads the keeper's pending replies without waiting.
+    pub fn fences(&self, group: u32) -> u64 {
+        let _reader = self.sync.lock().unwrap_or_else(|e| e.into_inner());
+        let mut buf = [0u8; MAX_MESSAGE];
+        while let Ok(Recv::Message(m)) = recv_one(self.sock.as_fd(), &mut buf) {
+            self.note_reply(&buf[..m.len.min(buf.len())]);
+        }
+        self.fenced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&group)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Records a fence report; returns any other reply.
+    fn note_reply(&self, bytes: &[u8]) -> Option<Reply> {
+        match Reply::decode(bytes) {
+            Ok(Reply::Fenced { group, sockets }) => {
+                tracing::warn!(
+                    group,
+                    sockets,
+                    "the keeper fenced a service whose lease ended"
+                );
+                *self
+                    .fenced
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(group)
+                    .or_insert(0) += 1;
+                None
+            }
+            Ok(other) => Some(other),
+            Err(e) => {
+                tracing::warn!(error = %e, "unreadable message from the keeper");
+                None
+            }
+        }
     }
 
     /// The daemon closes (or closed) connection `id` normally: the keeper
@@ -903,13 +1013,14 @@ impl Keeper {
     }
 
     /// An address the keeper removes from `interface` if the daemon dies
-    /// (the VIP, with the interface carrying it). Checked here as
-    /// [`crate::vip::take`] checks it.
+    /// or `group`'s lease ends (the VIP, with the interface carrying it).
+    /// Checked here as [`crate::vip::take`] checks it.
     pub fn guard_address(
         &self,
         addr: IpAddr,
         prefix_len: u8,
         interface: &str,
+        group: u32,
     ) -> Result<(), KeeperError> {
         VipSpec::new(addr, prefix_len, interface).validate()?;
         check_interface(interface).map_err(|reason| KeeperError::Interface {
@@ -921,6 +1032,7 @@ impl Keeper {
                 addr,
                 prefix_len,
                 interface: interface.to_owned(),
+                group,
             },
             None,
         )
@@ -963,11 +1075,10 @@ impl Keeper {
             match recv_one(self.sock.as_fd(), &mut buf)? {
                 Recv::Empty => continue,
                 Recv::Eof => return Err(KeeperError::Gone),
-                Recv::Message(m) => match Reply::decode(&buf[..m.len.min(buf.len())]) {
-                    Ok(Reply::Synced { seq: s, status }) if s == seq => return Ok(status),
+                Recv::Message(m) => match self.note_reply(&buf[..m.len.min(buf.len())]) {
+                    Some(Reply::Synced { seq: s, status }) if s == seq => return Ok(status),
                     // The answer to an earlier sync that timed out.
-                    Ok(_) => continue,
-                    Err(e) => tracing::warn!(error = %e, "unreadable message from the keeper"),
+                    _ => continue,
                 },
             }
         }
@@ -1084,6 +1195,7 @@ pub struct Fenced {
 struct Held {
     fd: OwnedFd,
     listener: bool,
+    group: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1091,6 +1203,7 @@ struct Guard {
     addr: IpAddr,
     prefix_len: u8,
     interface: String,
+    group: u32,
 }
 
 /// Why the serve loop stopped.
@@ -1104,6 +1217,8 @@ enum Stop {
 struct State {
     held: HashMap<u64, Held>,
     guards: Vec<Guard>,
+    /// Each group's lease end (CLOCK_MONOTONIC µs).
+    leases: HashMap<u32, u64>,
     refused: u64,
     malformed: u64,
 }
@@ -1174,7 +1289,7 @@ impl State {
             return None;
         }
         match req {
-            Request::Hold { id } => {
+            Request::Hold { id, group } => {
                 if fds.len() != 1 {
                     self.refused += 1;
                     tracing::warn!(
@@ -1187,7 +1302,12 @@ impl State {
                 let fd = fds.pop().expect("one descriptor");
                 match classify(fd.as_fd()) {
                     Ok(listener) => {
-                        if self.held.insert(id, Held { fd, listener }).is_some() {
+                        let held = Held {
+                            fd,
+                            listener,
+                            group,
+                        };
+                        if self.held.insert(id, held).is_some() {
                             tracing::warn!(id, "keeper: hold replaced an earlier one");
                         }
                     }
@@ -1206,17 +1326,22 @@ impl State {
                 addr,
                 prefix_len,
                 interface,
+                group,
             } => {
                 match self
                     .guards
                     .iter_mut()
                     .find(|g| g.addr == addr && g.interface == interface)
                 {
-                    Some(g) => g.prefix_len = prefix_len,
+                    Some(g) => {
+                        g.prefix_len = prefix_len;
+                        g.group = group;
+                    }
                     None => self.guards.push(Guard {
                         addr,
                         prefix_len,
                         interface,
+                        group,
                     }),
                 }
                 tracing::info!(%addr, prefix_len, "keeper: guarding address");
@@ -1226,6 +1351,13 @@ impl State {
                     .retain(|g| !(g.addr == addr && g.interface == interface));
             }
             Request::Exit => return Some(Stop::Exit),
+            Request::Lease { group, until_us } => {
+                if until_us == NO_LEASE {
+                    self.leases.remove(&group);
+                } else {
+                    self.leases.insert(group, until_us);
+                }
+            }
             Request::Sync { seq } => {
                 let reply = Reply::Synced {
                     seq,
@@ -1252,6 +1384,66 @@ impl State {
                         return Ok(Some(stop));
                     }
                 }
+            }
+        }
+    }
+
+    /// The earliest lease end, if any group has one.
+    fn next_lease_end(&self) -> Option<u64> {
+        self.leases.values().min().copied()
+    }
+
+    /// Fences every group whose lease ended by `now_us`: its connections
+    /// closed silently (the daemon's copies stay in repair mode), its
+    /// addresses removed, and the daemon told. Listeners stay: nothing
+    /// reaches them once the address is gone.
+    fn fence_expired(&mut self, sock: BorrowedFd, now_us: u64) {
+        let ended: Vec<u32> = self
+            .leases
+            .iter()
+            .filter(|(_, until)| **until <= now_us)
+            .map(|(g, _)| *g)
+            .collect();
+        for group in ended {
+            let start = Instant::now();
+            self.leases.remove(&group);
+            let ids: Vec<u64> = self
+                .held
+                .iter()
+                .filter(|(_, h)| h.group == group && !h.listener)
+                .map(|(id, _)| *id)
+                .collect();
+            let (mut sockets, mut failed) = (0u64, 0u64);
+            for id in ids {
+                let Some(held) = self.held.remove(&id) else {
+                    continue;
+                };
+                match crate::repair::close_silently(held.fd) {
+                    Ok(()) => sockets += 1,
+                    Err(e) => {
+                        failed += 1;
+                        tracing::warn!(id, error = %e.source, "keeper: socket closed plainly");
+                    }
+                }
+            }
+            let (guards, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.guards)
+                .into_iter()
+                .partition(|g| g.group == group);
+            self.guards = kept;
+            let (addresses, address_failures) = remove_addresses(&guards);
+            tracing::warn!(
+                group,
+                sockets,
+                failed,
+                addresses,
+                address_failures,
+                took_us = start.elapsed().as_micros() as u64,
+                late_us = crate::clock::monotonic_us().saturating_sub(now_us),
+                "keeper: a lease ended without renewal: fenced its service"
+            );
+            let reply = Reply::Fenced { group, sockets };
+            if let Err(e) = send_on(sock, &reply.encode(), None, MsgFlags::MSG_DONTWAIT) {
+                tracing::warn!(error = %e, "keeper: cannot report a fence");
             }
         }
     }
@@ -1463,6 +1655,10 @@ pub fn run_keeper() -> Result<KeeperExit, KeeperError> {
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "keeper: open-file limit"),
     }
+    // A lease's end must be acted on at once, also on a busy host.
+    if let Err(e) = crate::limits::prioritise_this_thread() {
+        tracing::warn!(error = %e, "keeper: cannot raise its priority");
+    }
     let term = install_signals()?;
     let ready = Reply::Ready {
         version: PROTOCOL_VERSION,
@@ -1480,7 +1676,10 @@ fn serve(sock: BorrowedFd, term: Option<BorrowedFd>) -> Result<KeeperExit, Keepe
         if let Some(t) = term {
             fds.push(pollfd(t, libc::POLLIN));
         }
-        if let Err(e) = poll_fds(&mut fds, None) {
+        let wait = state
+            .next_lease_end()
+            .map(|end| Duration::from_micros(end.saturating_sub(crate::clock::monotonic_us())));
+        if let Err(e) = poll_fds(&mut fds, wait) {
             // Cannot wait any more: fence rather than leave sockets that
             // would speak if the daemon died after us.
             tracing::error!(error = %e, "keeper: poll failed");
@@ -1498,6 +1697,8 @@ fn serve(sock: BorrowedFd, term: Option<BorrowedFd>) -> Result<KeeperExit, Keepe
                 break Stop::Fence(FenceReason::DaemonGone);
             }
         }
+        // After the queue is read: a renewal sent in time counts.
+        state.fence_expired(sock, crate::clock::monotonic_us());
         if termed {
             tracing::info!("keeper: SIGTERM");
             break Stop::Fence(FenceReason::Terminated);
@@ -1526,18 +1727,23 @@ mod tests {
 
     fn all_requests() -> Vec<Request> {
         vec![
-            Request::Hold { id: 0 },
-            Request::Hold { id: u64::MAX },
+            Request::Hold { id: 0, group: 0 },
+            Request::Hold {
+                id: u64::MAX,
+                group: 0,
+            },
             Request::Release { id: 42 },
             Request::Guard {
                 addr: "198.18.0.10".parse().unwrap(),
                 prefix_len: 32,
                 interface: "eth0".into(),
+                group: 1,
             },
             Request::Guard {
                 addr: "fd00:198:18::10".parse().unwrap(),
                 prefix_len: 64,
                 interface: "baton6.255".into(),
+                group: u32::MAX,
             },
             Request::Unguard {
                 addr: "198.18.0.10".parse().unwrap(),
@@ -1545,6 +1751,14 @@ mod tests {
             },
             Request::Exit,
             Request::Sync { seq: 7 },
+            Request::Lease {
+                group: 3,
+                until_us: 1_234_567,
+            },
+            Request::Lease {
+                group: 0,
+                until_us: NO_LEASE,
+            },
         ]
     }
 
@@ -1569,6 +1783,10 @@ mod tests {
                     refused: 4,
                     malformed: 5,
                 },
+            },
+            Reply::Fenced {
+                group: 7,
+                sockets: 1000,
             },
         ] {
             assert_eq!(Reply::decode(&reply.encode()), Ok(reply));
@@ -1665,7 +1883,7 @@ mod tests {
         }
 
         #[test]
-        fn every_truncation_of_a_valid_request_is_an_error(which in 0usize..8, cut in 0usize..40) {
+        fn every_truncation_of_a_valid_request_is_an_error(which in 0usize..10, cut in 0usize..40) {
             let bytes = all_requests()[which].encode();
             prop_assume!(cut < bytes.len());
             prop_assert!(Request::decode(&bytes[..cut]).is_err());
@@ -1696,15 +1914,22 @@ mod tests {
         send(&[0xee; 200], None); // longer than any message
         send(&[T_RELEASE], None);
         send(&Request::Exit.encode()[..], Some(tcp.as_fd())); // no fd expected
-        send(&Request::Hold { id: 1 }.encode(), None); // no fd: refused
-        send(&Request::Hold { id: 2 }.encode(), Some(udp.as_fd())); // not TCP: refused
-        send(&Request::Hold { id: 3 }.encode(), Some(tcp.as_fd()));
+        send(&Request::Hold { id: 1, group: 0 }.encode(), None); // no fd: refused
+        send(
+            &Request::Hold { id: 2, group: 0 }.encode(),
+            Some(udp.as_fd()),
+        ); // not TCP: refused
+        send(
+            &Request::Hold { id: 3, group: 0 }.encode(),
+            Some(tcp.as_fd()),
+        );
         send(&Request::Release { id: 99 }.encode(), None); // unknown id
         send(
             &Request::Guard {
                 addr: "198.18.0.10".parse().unwrap(),
                 prefix_len: 32,
                 interface: "lo0".into(),
+                group: 0,
             }
             .encode(),
             None,
@@ -1753,14 +1978,14 @@ mod tests {
         send_on(d, &[], None, MsgFlags::empty()).unwrap();
         send_on(
             d,
-            &Request::Hold { id: 1 }.encode(),
+            &Request::Hold { id: 1, group: 0 }.encode(),
             Some(tcp.as_fd()),
             MsgFlags::empty(),
         )
         .unwrap();
         send_on(
             d,
-            &Request::Hold { id: 2 }.encode(),
+            &Request::Hold { id: 2, group: 0 }.encode(),
             Some(tcp.as_fd()),
             MsgFlags::empty(),
         )
@@ -1774,6 +1999,87 @@ mod tests {
         // Repair mode needs CAP_NET_ADMIN; without it the socket counts
         // as failed, still fenced.
         assert_eq!(f.sockets + f.failed, 2, "{f:?}");
+    }
+
+    /// A group whose lease ends is fenced alone, once, and reported; a
+    /// renewal in time keeps the other; the keeper goes on serving.
+    #[test]
+    fn an_ended_lease_fences_its_group_alone() {
+        let (daemon, keeper) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let server = std::thread::spawn(move || serve(keeper.as_fd(), None));
+        let d = daemon.as_fd();
+        let send = |req: Request, fd: Option<BorrowedFd>| {
+            send_on(d, &req.encode(), fd, MsgFlags::empty()).unwrap()
+        };
+        let sockets: Vec<_> = (0..3)
+            .map(|_| {
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap()
+            })
+            .collect();
+        send(Request::Hold { id: 1, group: 1 }, Some(sockets[0].as_fd()));
+        send(Request::Hold { id: 2, group: 1 }, Some(sockets[1].as_fd()));
+        send(Request::Hold { id: 3, group: 2 }, Some(sockets[2].as_fd()));
+        let now = crate::clock::monotonic_us();
+        send(
+            Request::Lease {
+                group: 1,
+                until_us: now + 30_000,
+            },
+            None,
+        );
+        send(
+            Request::Lease {
+                group: 2,
+                until_us: now + 30_000,
+            },
+            None,
+        );
+        send(
+            Request::Lease {
+                group: 2,
+                until_us: now + 10_000_000,
+            },
+            None,
+        );
+        let mut buf = [0u8; MAX_MESSAGE];
+        assert_ne!(
+            poll_one(d, libc::POLLIN, Some(Duration::from_secs(5))).unwrap(),
+            0
+        );
+        let Recv::Message(m) = recv_one(d, &mut buf).unwrap() else {
+            panic!("no fence report");
+        };
+        assert!(crate::clock::monotonic_us() >= now + 30_000, "fenced early");
+        let Reply::Fenced { group, sockets: n } = Reply::decode(&buf[..m.len]).unwrap() else {
+            panic!("not a fence report");
+        };
+        assert_eq!(group, 1);
+        // Repair mode needs CAP_NET_ADMIN: without it a socket is closed
+        // plainly and not counted.
+        assert!(n <= 2);
+        send(Request::Sync { seq: 1 }, None);
+        assert_ne!(
+            poll_one(d, libc::POLLIN, Some(Duration::from_secs(5))).unwrap(),
+            0
+        );
+        let Recv::Message(m) = recv_one(d, &mut buf).unwrap() else {
+            panic!("no answer to sync");
+        };
+        let Reply::Synced { status, .. } = Reply::decode(&buf[..m.len]).unwrap() else {
+            panic!("not a sync answer");
+        };
+        assert_eq!(status.held, 1, "group 2 is still held");
+        send(Request::Exit, None);
+        assert_eq!(
+            server.join().unwrap().unwrap(),
+            KeeperExit::Released { sockets: 1 }
+        );
     }
 
     #[test]

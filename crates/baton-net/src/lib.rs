@@ -1,6 +1,7 @@
 //! Every Linux interface baton uses. All `unsafe` code and raw syscalls of
 //! the project live in this crate; the others call its safe functions.
 
+pub mod clock;
 pub mod counters;
 pub mod hold;
 pub mod keeper;

@@ -111,7 +111,7 @@ fn daemon_main() -> Result<(), Box<dyn std::error::Error>> {
                 for _ in 0..n {
                     let (mut s, _) = listener.accept()?;
                     let id = ids.len() as u64;
-                    keeper.as_ref().ok_or("no keeper")?.hold(id, s.as_fd())?;
+                    keeper.as_ref().ok_or("no keeper")?.hold(id, 0, s.as_fd())?;
                     s.write_all(b"hello")?;
                     conns.push(s);
                     ids.push(id);
@@ -122,7 +122,7 @@ fn daemon_main() -> Result<(), Box<dyn std::error::Error>> {
                 keeper
                     .as_ref()
                     .ok_or("no keeper")?
-                    .hold(LISTENER_ID, listener.as_fd())?;
+                    .hold(LISTENER_ID, 0, listener.as_fd())?;
                 Ok("ok".into())
             }
             ["guard", addr, prefix, iface] => {
@@ -130,6 +130,7 @@ fn daemon_main() -> Result<(), Box<dyn std::error::Error>> {
                     addr.parse()?,
                     prefix.parse()?,
                     iface,
+                    0,
                 )?;
                 Ok("ok".into())
             }

@@ -317,6 +317,7 @@ async fn start_logs(node: Arc<Node>) {
             queue_num: CAPTURE_QUEUE_BASE + i as u16,
             timestamp_margin: crate::replicated::timestamp_margin(node.cfg.election_timeout),
             keeper: node.keeper.clone(),
+            lease_poll: node.cfg.raft_tick,
         };
         match ReplicatedService::start(cfg, listeners, log.group().clone(), events) {
             Ok(r) => {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use baton_lab::cluster::{Cluster, NodeOptions};
-use baton_lab::Deadline;
+use baton_lab::{Deadline, Fault};
 use common::*;
 
 /// Echo streams per client host, their length and pace: about 4 s each,
@@ -188,4 +188,65 @@ fn a_planned_move_passes_the_lead_and_every_connection() {
         let echo = c.move_service("node3", "echo", "node3").unwrap();
         eprintln!("moves: kv paused {kv:.1} ms, echo paused {echo:.1} ms");
     });
+}
+
+/// After a fault that leaves node1 running (stopped, cut off), it comes
+/// back as a clone of the new primary, with the same state.
+fn rejoins_as_clone(c: &Cluster) {
+    for service in ["kv", "echo"] {
+        let start = Instant::now();
+        loop {
+            let v = views(c, service);
+            let node1 = v.iter().find(|l| l["node"] == "node1");
+            if v.len() == 3 && node1.is_some_and(|l| l["role"] == "clone") {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{service}: node1 did not rejoin as a clone: {v:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        wait_same_state(c, service);
+    }
+}
+
+#[test]
+fn a_stopped_primary_daemon_is_fenced_by_its_lease_and_rejoins() {
+    let _deadline = Deadline::start(
+        "a_stopped_primary_daemon_is_fenced_by_its_lease_and_rejoins",
+        Duration::from_secs(240),
+    );
+    let c = failover_under_load("fs", |c| {
+        let pid = c.pid("node1").expect("node1 runs");
+        signal(pid, "-STOP");
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(2));
+            signal(pid, "-CONT");
+        });
+    });
+    rejoins_as_clone(&c);
+}
+
+#[test]
+fn an_isolated_primary_stops_serving_and_rejoins_after_healing() {
+    let _deadline = Deadline::start(
+        "an_isolated_primary_stops_serving_and_rejoins_after_healing",
+        Duration::from_secs(240),
+    );
+    let c = failover_under_load("fi", |c| {
+        c.lab.fault("node1", Fault::Isolate).unwrap();
+    });
+    // Cut off, its lease ended: it gave up the VIPs.
+    let status = c.lab.status().unwrap();
+    let node1 = status.hosts.iter().find(|h| h.name == "node1").unwrap();
+    for vip in [kv_vip(), echo_vip()] {
+        assert!(
+            !node1.extra_addresses.contains(&vip.to_string()),
+            "node1 still holds {vip}: {:?}",
+            node1.extra_addresses
+        );
+    }
+    c.lab.fault("node1", Fault::Heal).unwrap();
+    rejoins_as_clone(&c);
 }

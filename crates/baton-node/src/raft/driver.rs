@@ -19,6 +19,8 @@ use prost::Message as _;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::MissedTickBehavior;
 
+use baton_core::lease::Lease;
+
 use super::storage::{GroupStorage, SnapshotEnvelope, StoredSnapshot};
 use super::transport::{Links, SnapshotJob};
 use super::{
@@ -157,6 +159,22 @@ pub(crate) struct Driver {
     /// Proposals taken since the last `Ready` round.
     batch: u64,
     stopped: Option<GroupError>,
+    /// The leader's lease, from its tagged heartbeats.
+    lease: Lease,
+    /// The lease end last published (0: none).
+    lease_published: u64,
+}
+
+/// First byte of the context a leader puts in its heartbeats (followers
+/// echo it): the lease round's tag follows, u64 little-endian. raft-rs
+/// uses heartbeat contexts only for ReadIndex, which baton does not use.
+const LEASE_TAG: u8 = b'L';
+
+fn lease_tag(context: &[u8]) -> Option<u64> {
+    match context {
+        [LEASE_TAG, rest @ ..] => Some(u64::from_le_bytes(rest.try_into().ok()?)),
+        _ => None,
+    }
 }
 
 fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
@@ -209,6 +227,7 @@ impl Driver {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let raw = RawNode::new(&config, storage, &logger).map_err(|e| e.to_string())?;
+        let lease = Lease::new(shared.id, shared.cfg.lease().as_micros() as u64);
         Ok(Driver {
             raw,
             shared,
@@ -229,6 +248,8 @@ impl Driver {
             snapshot_asked: None,
             batch: 0,
             stopped: None,
+            lease,
+            lease_published: 0,
         })
     }
 
@@ -312,6 +333,13 @@ impl Driver {
             return;
         }
         self.last_heard.insert(msg.from, Instant::now());
+        let mut msg = msg;
+        if msg.msg_type == MessageType::MsgHeartbeatResponse as i32 {
+            if let Some(tag) = lease_tag(&msg.context) {
+                self.lease.handle_ack(msg.from, tag);
+                msg.context.clear();
+            }
+        }
         if let Err(e) = self.raw.step(msg) {
             self.shared
                 .counters
@@ -600,7 +628,16 @@ impl Driver {
     }
 
     fn send(&mut self, msgs: Vec<Message>) {
-        for m in msgs {
+        // The heartbeats of one send are one lease round.
+        let mut round = None;
+        for mut m in msgs {
+            if m.msg_type == MessageType::MsgHeartbeat as i32 && m.context.is_empty() {
+                let tag = *round.get_or_insert_with(|| {
+                    self.lease
+                        .handle_round_sent(baton_net::clock::monotonic_us())
+                });
+                m.context = [&[LEASE_TAG][..], &tag.to_le_bytes()].concat();
+            }
             if m.msg_type == MessageType::MsgSnapshot as i32 {
                 self.send_snapshot(m);
             } else {
@@ -822,11 +859,43 @@ impl Driver {
         Ok(())
     }
 
+    /// Publishes the lease's end when it changed: to the group's handle and
+    /// to the sink (the keeper).
+    fn publish_lease(&mut self) {
+        let cs = self.raw.raft.prs().conf().to_conf_state();
+        self.lease.handle_voters(&cs.voters, &cs.voters_outgoing);
+        let until = self.lease.poll_expiry().unwrap_or(0);
+        if until == self.lease_published {
+            return;
+        }
+        if until < self.lease_published && until != 0 {
+            // A membership change can shorten it; the keeper takes the new end.
+            tracing::debug!(group = %self.shared.cfg.group, "the lease got shorter");
+        }
+        self.lease_published = until;
+        self.shared.lease_until.store(until, Ordering::Release);
+        let sink = self
+            .shared
+            .lease_sink
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(sink) = sink.as_ref() {
+            sink(until);
+        }
+    }
+
     fn after_round(&mut self) {
         let leader = self.raw.raft.leader_id;
         let is_me = self.is_leader();
         if (leader, is_me) != self.seen {
+            let became_leader = is_me && !self.seen.1;
             self.seen = (leader, is_me);
+            self.lease.handle_leading(is_me);
+            if became_leader {
+                // A lease at once: heartbeats now, not at the next tick.
+                self.raw.ping();
+                self.ready();
+            }
             tracing::info!(group = %self.shared.cfg.group, id = self.shared.id, leader, term = self.raw.raft.term, is_me, "leadership");
             let _ = self.events.send(Event::Leader(Leadership {
                 leader: self.leader(),
@@ -862,5 +931,6 @@ impl Driver {
                 let _ = self.events.send(Event::SnapshotWanted { for_node });
             }
         }
+        self.publish_lease();
     }
 }

@@ -63,7 +63,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -137,6 +137,19 @@ impl GroupConfig {
     /// The shortest election timeout.
     pub fn election_timeout(&self) -> Duration {
         self.tick * self.election_ticks as u32
+    }
+
+    /// How long the leader may serve past the send time of a heartbeat a
+    /// majority acknowledged ([`baton_core::lease::lease_duration`] with
+    /// [`FENCE_ALLOWANCE`] and [`MAX_CLOCK_DRIFT_PPM`]): 30 ms with the
+    /// defaults.
+    pub fn lease(&self) -> Duration {
+        Duration::from_micros(baton_core::lease::lease_duration(
+            self.tick.as_micros() as u64,
+            self.election_ticks as u64,
+            FENCE_ALLOWANCE.as_micros() as u64,
+            MAX_CLOCK_DRIFT_PPM,
+        ))
     }
 }
 
@@ -454,7 +467,24 @@ pub(crate) struct Shared {
     /// and its sender check).
     pub members: RwLock<BTreeMap<RaftId, Member>>,
     pub counters: Arc<RaftCounters>,
+    /// The leader's lease end (CLOCK_MONOTONIC µs): 0 without one,
+    /// [`baton_core::lease::UNBOUNDED`] for a lone voter.
+    pub lease_until: AtomicU64,
+    /// Told each new lease end from the raft thread (the keeper).
+    pub lease_sink: Mutex<Option<LeaseSink>>,
 }
+
+/// Where the raft thread reports each new lease end (µs, 0 for none). It
+/// must not block: it runs between raft rounds.
+pub type LeaseSink = Box<dyn Fn(u64) + Send>;
+
+/// What a heartbeat acknowledged by a majority leaves for stopping once
+/// the lease ends: closing the service's sockets silently and removing its
+/// VIP, by the keeper or the daemon, on a busy host.
+pub const FENCE_ALLOWANCE: Duration = Duration::from_millis(10);
+/// The largest rate difference assumed between two nodes' clocks (a
+/// crystal is within 100 ppm; virtual machines' clocks wander more).
+pub const MAX_CLOCK_DRIFT_PPM: u64 = 1_000;
 
 impl Shared {
     pub fn member(&self, id: RaftId) -> Option<Member> {
@@ -561,6 +591,8 @@ impl RaftGroup {
             auth,
             members: RwLock::new(members),
             counters: Arc::new(RaftCounters::default()),
+            lease_until: AtomicU64::new(0),
+            lease_sink: Mutex::new(None),
         });
         let raft_config =
             driver::raft_config(&shared.cfg, id, matches!(start, Start::Found { .. }));
@@ -752,6 +784,29 @@ impl RaftGroup {
         self.ask(|reply| Command::Compact { index, data, reply })
             .await
             .unwrap_or(Err(CompactError::Stopped))
+    }
+
+    /// When this leader's lease ends (CLOCK_MONOTONIC µs,
+    /// `baton_net::clock::monotonic_us`): `None` while it has none (not
+    /// leading, or no majority heard it yet). While it holds, no other node
+    /// can have been elected.
+    pub fn lease_until(&self) -> Option<u64> {
+        Some(self.shared.lease_until.load(Ordering::Acquire)).filter(|u| *u != 0)
+    }
+
+    /// Whether this node leads under a lease that holds now.
+    pub fn lease_holds(&self) -> bool {
+        self.lease_until()
+            .is_some_and(|u| baton_net::clock::monotonic_us() < u)
+    }
+
+    /// Reports every new lease end to `sink`, from the raft thread.
+    pub fn set_lease_sink(&self, sink: LeaseSink) {
+        *self
+            .shared
+            .lease_sink
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(sink);
     }
 
     /// The group as this node sees it; `None` once stopped.

@@ -54,7 +54,8 @@ use conn::{FromConn, ToConn};
 
 /// How often the primary logs a tick when nothing else asks for one.
 const TICK_EVERY: Duration = Duration::from_secs(1);
-/// Longest a pure ACK's state waits before it is logged on its own.
+/// Longest a pure ACK's state waits before it is logged on its own; also
+/// how often a primary reads the keeper's fence reports.
 const ACK_FLUSH: Duration = Duration::from_millis(20);
 /// A checkpoint marker at least this often (claim 11's default).
 pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
@@ -155,10 +156,16 @@ pub struct ReplicatedConfig {
     /// Holds every client socket and the VIP, so that this daemon's death
     /// lets none of them speak.
     pub keeper: Option<Arc<Keeper>>,
+    /// How often a leader waiting for its lease looks again (the raft
+    /// tick).
+    pub lease_poll: Duration,
 }
 
 /// Ids of the sockets handed to the keeper, unique in this process.
 static NEXT_KEPT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// The keeper's group of each service's sockets and VIP (fenced together
+/// when the service's lease ends), unique in this process.
+static NEXT_KEEPER_GROUP: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
 
 /// A socket the keeper holds for as long as this lives.
 pub(crate) struct Kept {
@@ -230,6 +237,15 @@ impl ReplicatedService {
             .and_then(NfQueue::into_async)
             .map_err(queue_err)?;
         let (commands, command_rx) = mpsc::unbounded_channel();
+        let keeper_group = NEXT_KEEPER_GROUP.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(keeper) = cfg.keeper.clone() {
+            let service = cfg.name.clone();
+            group.set_lease_sink(Box::new(move |until| {
+                if let Err(e) = keeper.lease(keeper_group, until) {
+                    tracing::warn!(service, error = %e, "the keeper did not take a lease");
+                }
+            }));
+        }
         let replica = Replica::new(Hosted(cfg.kind.create()));
         let (conn_tx, conn_rx) = mpsc::unbounded_channel();
         let (answer_tx, answer_rx) = mpsc::unbounded_channel();
@@ -245,6 +261,8 @@ impl ReplicatedService {
             accepted: HashMap::new(),
             vip_guard: None,
             conns: HashMap::new(),
+            keeper_group,
+            keeper_fences: 0,
             conn_tx,
             answer_tx,
             entropy: seed(),
@@ -379,6 +397,9 @@ struct Loop {
     vip_guard: Option<String>,
     /// Open connections' socket tasks (primary only).
     conns: HashMap<ConnKey, mpsc::UnboundedSender<ToConn>>,
+    /// This service's group in the keeper, and its fences seen so far.
+    keeper_group: u32,
+    keeper_fences: u64,
     conn_tx: mpsc::UnboundedSender<FromConn>,
     answer_tx: mpsc::UnboundedSender<Answers>,
     entropy: u64,
@@ -411,6 +432,7 @@ impl Loop {
         ack_flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let serving = self.primary;
+            let lease_wake = self.lease_wake();
             let timer_at = self.replica.next_timer_at();
             let timer = async {
                 match timer_at {
@@ -487,15 +509,19 @@ impl Loop {
                     None => return,
                 },
                 () = timer => self.propose_tick(true),
+                () = lease_wake => self.check_lease(queue.get_mut()).await,
                 _ = tick.tick(), if serving => {
-                    self.hand_to_preferred();
+                    self.hand_to_preferred(queue.get_mut()).await;
                     self.propose_tick(true);
                     self.propose_digests();
                     if self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY && self.since_checkpoint > 0 {
                         self.propose_checkpoint();
                     }
                 }
-                _ = ack_flush.tick(), if serving => self.propose(true),
+                _ = ack_flush.tick(), if serving => {
+                    self.propose(true);
+                    self.check_lease(queue.get_mut()).await;
+                }
             }
         }
     }
@@ -610,12 +636,61 @@ impl Loop {
         }
     }
 
-    /// Becomes primary once this node leads and has applied every entry
-    /// committed before its term: every connection the log knows is then
-    /// complete here.
+    /// Becomes primary once this node leads under a lease and has applied
+    /// every entry committed before its term: every connection the log
+    /// knows is then complete here.
     async fn maybe_take_over(&mut self) {
-        if self.leader && !self.primary && self.whole_log_term == self.term {
+        if self.leader
+            && !self.primary
+            && self.whole_log_term == self.term
+            && self.group.lease_holds()
+        {
             self.take_over().await;
+        }
+    }
+
+    /// When to look at the lease next: at its end while primary; soon
+    /// while a leader waits for one to take over; never otherwise.
+    fn lease_wake(&self) -> impl std::future::Future<Output = ()> {
+        let wait = if self.primary {
+            self.group.lease_until().and_then(|until| {
+                (until != baton_core::lease::UNBOUNDED).then(|| {
+                    Duration::from_micros(until.saturating_sub(baton_net::clock::monotonic_us()))
+                })
+            })
+        } else if self.leader && self.whole_log_term == self.term {
+            Some(self.cfg.lease_poll)
+        } else {
+            None
+        };
+        async move {
+            match wait {
+                Some(w) => tokio::time::sleep(w).await,
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    /// A primary whose lease ended, or whose sockets the keeper fenced
+    /// (the lease ended as the keeper saw it), stops serving: a majority
+    /// may have elected another primary meanwhile. If it still leads, it
+    /// serves again once a majority acknowledges it, rebuilding its
+    /// connections from the log as after a failover.
+    async fn check_lease(&mut self, queue: &mut NfQueue) {
+        if self.primary {
+            let fences = self
+                .cfg
+                .keeper
+                .as_ref()
+                .map_or(0, |k| k.fences(self.keeper_group));
+            let fenced = fences != self.keeper_fences;
+            self.keeper_fences = fences;
+            if fenced || !self.group.lease_holds() {
+                tracing::warn!(service = %self.cfg.name, by_keeper = fenced, "the lease ended: no longer answering clients");
+                self.on_deposed(queue).await;
+            }
+        } else {
+            self.maybe_take_over().await;
         }
     }
 
@@ -632,7 +707,12 @@ impl Loop {
             }
         };
         if let Some(keeper) = &self.cfg.keeper {
-            match keeper.guard_address(self.cfg.vip.addr, self.cfg.spec.prefix_len, &taken.ifname) {
+            match keeper.guard_address(
+                self.cfg.vip.addr,
+                self.cfg.spec.prefix_len,
+                &taken.ifname,
+                self.keeper_group,
+            ) {
                 Ok(()) => self.vip_guard = Some(taken.ifname.clone()),
                 Err(e) => {
                     tracing::warn!(service = %self.cfg.name, error = %e, "the keeper does not guard the VIP")
@@ -730,7 +810,7 @@ impl Loop {
         let keeper = self.cfg.keeper.as_ref()?;
         // One keeper holds every service's sockets: ids are node-wide.
         let id = NEXT_KEPT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        match keeper.hold(id, stream.as_fd()) {
+        match keeper.hold(id, self.keeper_group, stream.as_fd()) {
             Ok(()) => Some(Kept {
                 keeper: keeper.clone(),
                 id,
@@ -744,40 +824,33 @@ impl Loop {
 
     /// `preferred_node` leads at start: while no connection was ever
     /// opened, a primary elsewhere hands it the lead once it is a voter
-    /// (a node that starts late joins as a learner first). Once clients
-    /// are served the primary stays where it is: one move, not two.
-    fn hand_to_preferred(&mut self) {
+    /// (a node that starts late joins as a learner first), fencing itself
+    /// first as any move does. Once clients are served the primary stays
+    /// where it is: one move, not two.
+    async fn hand_to_preferred(&mut self, queue: &mut NfQueue) {
         if self.cfg.preferred_node == self.cfg.node
             || self.replica.connections_opened() > 0
             || !self.accepted.is_empty()
         {
             return;
         }
-        let group = self.group.clone();
         let preferred = self.cfg.preferred_node.clone();
-        let service = self.cfg.name.clone();
-        tokio::spawn(async move {
-            let Some(s) = group.status().await else {
-                return;
-            };
-            let Some(id) = s
-                .membership
-                .voters
-                .iter()
-                .find(|(_, m)| m.name == preferred)
-                .map(|(id, _)| *id)
-            else {
-                return;
-            };
-            match group.transfer_leader(id).await {
-                Ok(()) => {
-                    tracing::info!(service, to = %preferred, "handed the lead to the preferred node")
-                }
-                Err(e) => {
-                    tracing::debug!(service, error = %e, "the preferred node did not take the lead")
-                }
+        let is_voter = self
+            .group
+            .status()
+            .await
+            .is_some_and(|s| s.membership.voters.values().any(|m| m.name == preferred));
+        if !is_voter {
+            return;
+        }
+        match self.hand_over(&preferred, queue).await {
+            Ok(_) => {
+                tracing::info!(service = %self.cfg.name, to = %preferred, "handed the lead to the preferred node")
             }
-        });
+            Err(e) => {
+                tracing::debug!(service = %self.cfg.name, error = %e, "the preferred node did not take the lead")
+            }
+        }
     }
 
     /// A planned move: this primary goes silent first (its sockets closed
@@ -866,17 +939,22 @@ impl Loop {
         }
     }
 
+    /// Sends the capture's verdicts; past the lease's end none accepts (a
+    /// majority may follow another primary already).
     fn flush_verdicts(&mut self, queue: &mut NfQueue) {
-        let verdicts: Vec<(u32, nfqueue::Verdict)> = self
-            .capture
-            .poll_verdicts()
+        let verdicts = self.capture.poll_verdicts();
+        if verdicts.is_empty() {
+            return;
+        }
+        let may_accept = self.primary && self.group.lease_holds();
+        let verdicts: Vec<(u32, nfqueue::Verdict)> = verdicts
             .into_iter()
             .map(|(id, v)| {
                 (
                     id,
                     match v {
-                        Verdict::Accept => nfqueue::Verdict::Accept,
-                        Verdict::Drop => nfqueue::Verdict::Drop,
+                        Verdict::Accept if may_accept => nfqueue::Verdict::Accept,
+                        Verdict::Accept | Verdict::Drop => nfqueue::Verdict::Drop,
                     },
                 )
             })
