@@ -25,9 +25,12 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-/// Rounds remembered for their acknowledgements: at a heartbeat per tick,
-/// a second's worth and more.
-const ROUNDS_KEPT: usize = 256;
+/// Rounds remembered for their acknowledgements: with one round per
+/// millisecond at most, four seconds' worth.
+const ROUNDS_KEPT: usize = 4096;
+/// Messages sent within this long of a round's start share its tag (µs):
+/// the round's time is then a little early, which only shortens the lease.
+const ROUND_GRAIN_US: u64 = 1_000;
 
 /// No one else can lead while this holds: a group of one voter.
 pub const UNBOUNDED: u64 = u64::MAX;
@@ -108,6 +111,11 @@ impl Lease {
     /// A heartbeat round goes out at `at_us`: returns the tag its messages
     /// carry.
     pub fn handle_round_sent(&mut self, at_us: u64) -> u64 {
+        if let Some(&(tag, sent)) = self.rounds.back() {
+            if at_us >= sent && at_us - sent < ROUND_GRAIN_US {
+                return tag;
+            }
+        }
         let tag = self.next_tag;
         self.next_tag += 1;
         if self.rounds.len() == ROUNDS_KEPT {
@@ -123,7 +131,14 @@ impl Lease {
         if !self.leading || peer == self.me || !self.configs.iter().flatten().any(|v| *v == peer) {
             return;
         }
-        let Some(&(_, sent)) = self.rounds.iter().find(|(t, _)| *t == tag) else {
+        // Tags are consecutive: the round is found by its distance.
+        let Some(&(first, _)) = self.rounds.front() else {
+            return;
+        };
+        let Some(&(_, sent)) = tag
+            .checked_sub(first)
+            .and_then(|i| self.rounds.get(usize::try_from(i).ok()?))
+        else {
             return;
         };
         let seen = self.heard.entry(peer).or_insert(0);

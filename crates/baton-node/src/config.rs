@@ -37,6 +37,10 @@ use std::path::{Path, PathBuf};
 use baton_core::relocation::Vip;
 use serde::Deserialize;
 
+/// The shortest lease the timing may leave a primary (see
+/// [`crate::raft::GroupConfig::lease`]).
+const MIN_LEASE_MS: u64 = 5;
+
 /// A configuration error: the file, the key and what is wrong.
 #[derive(Debug, thiserror::Error)]
 #[error("{file}: {key}: {problem}")]
@@ -182,12 +186,17 @@ impl NodeConfig {
             return Err(err("raft_tick_ms", "expected 1 to 1000".into()));
         }
         let election_timeout_ms = raw.election_timeout_ms.unwrap_or(50);
-        if election_timeout_ms < 2 * raft_tick_ms || election_timeout_ms > 600_000 {
+        // The primary's lease is one tick and the fence allowance shorter
+        // than the election timeout: it must leave some.
+        let shortest =
+            raft_tick_ms + crate::raft::FENCE_ALLOWANCE.as_millis() as u64 + MIN_LEASE_MS;
+        let shortest = shortest.max(2 * raft_tick_ms);
+        if election_timeout_ms < shortest || election_timeout_ms > 600_000 {
             return Err(err(
                 "election_timeout_ms",
                 format!(
-                    "expected at least two ticks ({} ms) and at most 600000",
-                    2 * raft_tick_ms
+                    "expected at least {shortest} ms (two ticks, and a tick plus {} ms for the primary's lease) and at most 600000",
+                    crate::raft::FENCE_ALLOWANCE.as_millis() as u64 + MIN_LEASE_MS
                 ),
             ));
         }

@@ -861,7 +861,7 @@ async fn messages_claiming_another_sender_or_malformed_are_refused() {
             &c,
             0,
             1,
-            Channel::Raft,
+            Channel::Heartbeat,
             &hello(3, 2),
             &frame(&heartbeat(3, 0))
         )
@@ -875,7 +875,7 @@ async fn messages_claiming_another_sender_or_malformed_are_refused() {
             &c,
             0,
             1,
-            Channel::Raft,
+            Channel::Heartbeat,
             &hello(1, 2),
             &frame(&heartbeat(3, 0))
         )
@@ -949,13 +949,34 @@ async fn messages_claiming_another_sender_or_malformed_are_refused() {
     };
     assert!(hostile(&c, 0, 1, Channel::Raft, &hello(1, 2), &frame(&snap)).await);
     wait("snapshot on the raft channel", "type", 2).await;
+    // Heartbeats have a lane of their own, appends may not take it.
+    assert!(
+        hostile(
+            &c,
+            0,
+            1,
+            Channel::Raft,
+            &hello(1, 2),
+            &frame(&heartbeat(1, 0))
+        )
+        .await
+    );
+    wait("heartbeat on the raft channel", "type", 3).await;
+    let append = Message {
+        msg_type: MessageType::MsgAppend as i32,
+        from: 1,
+        to: 2,
+        ..Default::default()
+    };
+    assert!(hostile(&c, 0, 1, Channel::Heartbeat, &hello(1, 2), &frame(&append)).await);
+    wait("append on the heartbeat channel", "type", 4).await;
 
     d.phase("a heartbeat committing past the log (raft-rs would panic)");
     let bytes = frame(&heartbeat(1, 1 << 40));
     {
         let auth = c.nodes[0].auth.clone().unwrap();
         let mut s = auth.connect("n1", None).await.unwrap();
-        s.write_all(&transport::hello_frame(Channel::Raft, &hello(1, 2)))
+        s.write_all(&transport::hello_frame(Channel::Heartbeat, &hello(1, 2)))
             .await
             .unwrap();
         s.write_all(&bytes).await.unwrap();

@@ -33,6 +33,8 @@ pub(crate) const NET_QUEUE: usize = 8192;
 /// Inputs handled before a `Ready` round: proposals that arrive together
 /// go into one round, and a flood still lets raft tick.
 const DRAIN_BUDGET: usize = 8192;
+/// Appends stepped between two looks at the heartbeat lane.
+const BEAT_CHECK: usize = 64;
 /// How often the application is asked again for a snapshot it has not
 /// given.
 const ASK_AGAIN: Duration = Duration::from_secs(1);
@@ -159,16 +161,41 @@ pub(crate) struct Driver {
     /// Proposals taken since the last `Ready` round.
     batch: u64,
     stopped: Option<GroupError>,
-    /// The leader's lease, from its tagged heartbeats.
+    /// The leader's lease, from its tagged messages.
     lease: Lease,
-    /// The lease end last published (0: none).
+    /// The lease end last published (0: none), and last told the sink.
     lease_published: u64,
+    lease_told: u64,
+    /// As a follower: the newest lease tag the leader sent (its id, the
+    /// tag), echoed in every answer to it.
+    echo: Option<(RaftId, u64)>,
 }
 
-/// First byte of the context a leader puts in its heartbeats (followers
-/// echo it): the lease round's tag follows, u64 little-endian. raft-rs
-/// uses heartbeat contexts only for ReadIndex, which baton does not use.
+/// First byte of the context a leader puts in its heartbeats and appends,
+/// and its followers in their answers: the lease round's tag follows, u64
+/// little-endian. A follower answers with the newest tag it took from its
+/// leader, whatever message it answers: receiving any of the leader's
+/// messages restarted its election timer (raft-rs: heartbeats, appends),
+/// and a follower waiting for a snapshot answers no heartbeat. raft-rs
+/// reads contexts only of heartbeats, for ReadIndex (unused here), and of
+/// votes (never tagged).
 const LEASE_TAG: u8 = b'L';
+/// A new lease end reaches the sink only once it moved this far (µs), so
+/// the keeper gets tens of messages a second, not one per raft round; an
+/// end told late is earlier than the real one, which is safe.
+const LEASE_TOLD_STEP: u64 = 2_000;
+
+fn tagged(tag: u64) -> Vec<u8> {
+    [&[LEASE_TAG][..], &tag.to_le_bytes()].concat()
+}
+
+fn is_answer(t: i32) -> bool {
+    t == MessageType::MsgHeartbeatResponse as i32 || t == MessageType::MsgAppendResponse as i32
+}
+
+fn is_lead_message(t: i32) -> bool {
+    t == MessageType::MsgHeartbeat as i32 || t == MessageType::MsgAppend as i32
+}
 
 fn lease_tag(context: &[u8]) -> Option<u64> {
     match context {
@@ -250,6 +277,8 @@ impl Driver {
             stopped: None,
             lease,
             lease_published: 0,
+            lease_told: 0,
+            echo: None,
         })
     }
 
@@ -258,6 +287,7 @@ impl Driver {
         mut self,
         mut inputs: mpsc::UnboundedReceiver<Input>,
         mut net: mpsc::Receiver<Message>,
+        mut beats: mpsc::Receiver<Message>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut ticker = tokio::time::interval(self.shared.cfg.tick);
@@ -266,6 +296,7 @@ impl Driver {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
+                Some(m) = beats.recv() => self.guarded(|d| d.step(m)),
                 _ = ticker.tick() => self.guarded(|d| { d.raw.tick(); }),
                 Some(m) = net.recv() => self.guarded(|d| d.step(m)),
                 i = inputs.recv() => match i {
@@ -273,7 +304,13 @@ impl Driver {
                     None => break,
                 },
             }
-            for _ in 0..DRAIN_BUDGET {
+            for i in 0..DRAIN_BUDGET {
+                // Heartbeats first, also in the middle of a flood.
+                if i % BEAT_CHECK == 0 {
+                    while let Ok(m) = beats.try_recv() {
+                        self.guarded(|d| d.step(m));
+                    }
+                }
                 match net.try_recv() {
                     Ok(m) => self.guarded(|d| d.step(m)),
                     Err(_) => break,
@@ -334,13 +371,26 @@ impl Driver {
         }
         self.last_heard.insert(msg.from, Instant::now());
         let mut msg = msg;
-        if msg.msg_type == MessageType::MsgHeartbeatResponse as i32 {
-            if let Some(tag) = lease_tag(&msg.context) {
-                self.lease.handle_ack(msg.from, tag);
+        let (from, term) = (msg.from, msg.term);
+        let mut lead_tag = None;
+        if let Some(tag) = lease_tag(&msg.context) {
+            if is_answer(msg.msg_type) {
+                self.lease.handle_ack(from, tag);
+                msg.context.clear();
+            } else if is_lead_message(msg.msg_type) {
+                lead_tag = Some(tag);
                 msg.context.clear();
             }
         }
-        if let Err(e) = self.raw.step(msg) {
+        let stepped = self.raw.step(msg);
+        // Echoed only once raft took the sender as this term's leader.
+        if let Some(tag) = lead_tag {
+            let r = &self.raw.raft;
+            if r.leader_id == from && r.term == term && r.state == StateRole::Follower {
+                self.echo = Some((from, tag));
+            }
+        }
+        if let Err(e) = stepped {
             self.shared
                 .counters
                 .step_errors
@@ -628,15 +678,23 @@ impl Driver {
     }
 
     fn send(&mut self, msgs: Vec<Message>) {
-        // The heartbeats of one send are one lease round.
+        // The messages of one send are one lease round.
         let mut round = None;
+        let leading = self.is_leader();
+        let echo = self
+            .echo
+            .filter(|(leader, _)| *leader == self.raw.raft.leader_id);
         for mut m in msgs {
-            if m.msg_type == MessageType::MsgHeartbeat as i32 && m.context.is_empty() {
+            if leading && is_lead_message(m.msg_type) && m.context.is_empty() {
                 let tag = *round.get_or_insert_with(|| {
                     self.lease
                         .handle_round_sent(baton_net::clock::monotonic_us())
                 });
-                m.context = [&[LEASE_TAG][..], &tag.to_le_bytes()].concat();
+                m.context = tagged(tag);
+            } else if let Some((leader, tag)) = echo {
+                if is_answer(m.msg_type) && m.to == leader {
+                    m.context = tagged(tag);
+                }
             }
             if m.msg_type == MessageType::MsgSnapshot as i32 {
                 self.send_snapshot(m);
@@ -874,6 +932,11 @@ impl Driver {
         }
         self.lease_published = until;
         self.shared.lease_until.store(until, Ordering::Release);
+        let told = self.lease_told;
+        if until != 0 && told != 0 && until > told && until - told < LEASE_TOLD_STEP {
+            return;
+        }
+        self.lease_told = until;
         let sink = self
             .shared
             .lease_sink

@@ -638,6 +638,7 @@ impl RaftGroup {
                         };
                         rt.block_on(async move {
                             let (net_tx, net_rx) = mpsc::channel(driver::NET_QUEUE);
+                            let (beat_tx, beat_rx) = mpsc::channel(driver::NET_QUEUE);
                             let driver = match driver::Driver::new(
                                 shared.clone(),
                                 raft_config,
@@ -657,8 +658,9 @@ impl RaftGroup {
                                 shared,
                                 raft_accept_rx,
                                 net_tx,
+                                beat_tx,
                             ));
-                            driver.run(input_rx, net_rx, shutdown_rx).await;
+                            driver.run(input_rx, net_rx, beat_rx, shutdown_rx).await;
                         });
                     })?,
             );
@@ -855,12 +857,13 @@ impl RaftGroup {
             return Err(e);
         }
         let accepted = transport::Accepted {
+            channel,
             stream,
             hello,
             authenticated,
         };
         let queue = match channel {
-            Channel::Raft => &self.raft_accepts,
+            Channel::Raft | Channel::Heartbeat => &self.raft_accepts,
             Channel::Snapshot => &self.snapshot_accepts,
         };
         queue.send(accepted).map_err(|_| TransportError::Closed)

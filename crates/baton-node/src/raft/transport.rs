@@ -1,23 +1,29 @@
 //! Raft messages between nodes, on the cluster listener.
 //!
-//! Each node keeps one long-lived connection to each peer of a group and
-//! sends all its raft messages for that peer on it; the peer only reads
-//! from it, and sends its own messages on the connection it opened. So
-//! each direction has its own connection: a sender never waits for the
-//! other side to reconnect, and a dead connection is noticed, and
-//! replaced with backoff, by the side that writes. Snapshots use a
-//! connection per transfer, on the group's snapshot thread, so a bulk
-//! transfer never delays a heartbeat.
+//! Each node keeps two long-lived connections to each peer of a group: one
+//! for appends and their answers, one for heartbeats, votes and their
+//! answers ([`lane`]). A heartbeat thus never queues behind megabytes of
+//! appends (in the sender's buffers, on the wire, or in the receiver's
+//! queue: the raft thread takes the heartbeat lane first), so the leader's
+//! lease follows its followers' election timers, not the load. raft
+//! tolerates the reordering: a heartbeat commits only what the follower
+//! acknowledged. The peer only reads from a connection, and sends its own
+//! messages on the ones it opened. So each direction has its own
+//! connections: a sender never waits for the other side to reconnect, and
+//! a dead connection is noticed, and replaced with backoff, by the side
+//! that writes. Snapshots use a connection per transfer, on the group's
+//! snapshot thread, so a bulk transfer never delays a heartbeat.
 //!
 //! On the wire, after the handshake of [`crate::peer`] (or none, for a
 //! listener built without credentials):
 //!
 //! - a hello: a [`baton_core::wire`] frame whose magic says the channel
-//!   ([`RAFT_MAGIC`] or [`SNAPSHOT_MAGIC`]; the listener dispatches on its
+//!   ([`RAFT_MAGIC`], [`HEARTBEAT_MAGIC`] or [`SNAPSHOT_MAGIC`]; the
+//!   listener dispatches on its
 //!   first four bytes) and whose body is a [`ChannelHello`]: the group,
 //!   the sender's raft id, the raft id it is for;
-//! - raft channel: raft-rs messages (`eraftpb::Message`, prost), each
-//!   prefixed by its length (u32, big endian);
+//! - raft and heartbeat channels: raft-rs messages (`eraftpb::Message`,
+//!   prost), each prefixed by its length (u32, big endian);
 //! - snapshot channel: one `MsgSnapshot` message as above (metadata only),
 //!   the data's length (u64, big endian), the data (written in chunks), and
 //!   the receiver's one-byte answer (1: handed to raft, 0: not).
@@ -48,6 +54,8 @@ use crate::peer::{check_sender, ControlStream};
 
 /// First bytes of a raft message connection.
 pub const RAFT_MAGIC: [u8; 4] = *b"BTRF";
+/// First bytes of a heartbeat (and vote) connection.
+pub const HEARTBEAT_MAGIC: [u8; 4] = *b"BTRH";
 /// First bytes of a snapshot transfer connection.
 pub const SNAPSHOT_MAGIC: [u8; 4] = *b"BTRS";
 /// Version of both channels.
@@ -69,16 +77,35 @@ const WRITE_BATCH: usize = 256 << 10;
 pub const SNAPSHOT_CHUNK: usize = 64 << 10;
 
 /// Which channel a connection is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Channel {
     Raft,
+    /// Heartbeats, votes and their answers: small, never behind appends.
+    Heartbeat,
     Snapshot,
+}
+
+/// The connection a message travels on.
+pub fn lane(msg_type: i32) -> Channel {
+    match MessageType::from_i32(msg_type) {
+        Some(
+            MessageType::MsgHeartbeat
+            | MessageType::MsgHeartbeatResponse
+            | MessageType::MsgRequestVote
+            | MessageType::MsgRequestVoteResponse
+            | MessageType::MsgRequestPreVote
+            | MessageType::MsgRequestPreVoteResponse,
+        ) => Channel::Heartbeat,
+        Some(MessageType::MsgSnapshot) => Channel::Snapshot,
+        _ => Channel::Raft,
+    }
 }
 
 impl Channel {
     pub fn magic(self) -> [u8; 4] {
         match self {
             Channel::Raft => RAFT_MAGIC,
+            Channel::Heartbeat => HEARTBEAT_MAGIC,
             Channel::Snapshot => SNAPSHOT_MAGIC,
         }
     }
@@ -87,6 +114,8 @@ impl Channel {
     pub fn of_magic(magic: &[u8]) -> Option<Channel> {
         if magic == RAFT_MAGIC {
             Some(Channel::Raft)
+        } else if magic == HEARTBEAT_MAGIC {
+            Some(Channel::Heartbeat)
         } else if magic == SNAPSHOT_MAGIC {
             Some(Channel::Snapshot)
         } else {
@@ -145,6 +174,7 @@ pub enum TransportError {
 
 /// A connection a peer opened, with its hello read.
 pub(crate) struct Accepted {
+    pub channel: Channel,
     pub stream: ControlStream,
     pub hello: ChannelHello,
     pub authenticated: Option<String>,
@@ -190,7 +220,7 @@ pub async fn read_hello<S: AsyncRead + Unpin>(
     let mut header = [0u8; wire::HEADER_LEN];
     fill(s, &mut header, true).await?;
     let channel = Channel::of_magic(&header[..4]).ok_or_else(|| WireError::BadMagic {
-        expected: "BTRF or BTRS".into(),
+        expected: "BTRF, BTRH or BTRS".into(),
         found: header[..4].try_into().expect("4 bytes"),
     })?;
     let h = wire::parse_header(channel.magic(), VERSION, &header)?;
@@ -291,16 +321,9 @@ fn check_message(
         // on its own channel.
         Channel::Raft => matches!(
             t,
-            MessageType::MsgAppend
-                | MessageType::MsgAppendResponse
-                | MessageType::MsgRequestVote
-                | MessageType::MsgRequestVoteResponse
-                | MessageType::MsgRequestPreVote
-                | MessageType::MsgRequestPreVoteResponse
-                | MessageType::MsgHeartbeat
-                | MessageType::MsgHeartbeatResponse
-                | MessageType::MsgTimeoutNow
+            MessageType::MsgAppend | MessageType::MsgAppendResponse | MessageType::MsgTimeoutNow
         ),
+        Channel::Heartbeat => lane(msg.msg_type) == Channel::Heartbeat,
         Channel::Snapshot => {
             t == MessageType::MsgSnapshot
                 && msg
@@ -339,18 +362,25 @@ fn log_refusal(shared: &Shared, hello: &ChannelHello, e: &TransportError) {
 }
 
 /// Serves the raft connections handed over to the raft thread.
+/// Heartbeat-lane messages go to `beats`, the others to `net`.
 pub(crate) async fn serve_raft_accepts(
     shared: Arc<Shared>,
     mut accepts: mpsc::UnboundedReceiver<Accepted>,
     net: mpsc::Sender<Message>,
+    beats: mpsc::Sender<Message>,
 ) {
     while let Some(acc) = accepts.recv().await {
-        tokio::spawn(serve_raft(shared.clone(), acc, net.clone()));
+        let to = match acc.channel {
+            Channel::Heartbeat => beats.clone(),
+            _ => net.clone(),
+        };
+        tokio::spawn(serve_raft(shared.clone(), acc, to));
     }
 }
 
 async fn serve_raft(shared: Arc<Shared>, acc: Accepted, net: mpsc::Sender<Message>) {
     let Accepted {
+        channel,
         stream,
         hello,
         authenticated,
@@ -364,7 +394,7 @@ async fn serve_raft(shared: Arc<Shared>, acc: Accepted, net: mpsc::Sender<Messag
         let limit = frame_limit(&shared.cfg);
         loop {
             let msg = read_message(&mut r, limit).await?;
-            check_message(&shared, &hello, &msg, Channel::Raft)?;
+            check_message(&shared, &hello, &msg, channel)?;
             shared.counters.messages_in.fetch_add(1, Ordering::Relaxed);
             if net.send(msg).await.is_err() {
                 return Ok(());
@@ -406,10 +436,11 @@ async fn connect(
     Ok(s)
 }
 
-/// The outgoing raft connections of the raft thread, one per peer.
+/// The outgoing raft connections of the raft thread, one per peer and
+/// lane.
 #[derive(Default)]
 pub(crate) struct Links {
-    links: HashMap<RaftId, mpsc::Sender<Message>>,
+    links: HashMap<(RaftId, Channel), mpsc::Sender<Message>>,
 }
 
 impl Links {
@@ -422,7 +453,8 @@ impl Links {
         msg: Message,
     ) {
         let to = msg.to;
-        let tx = match self.links.entry(to) {
+        let channel = lane(msg.msg_type);
+        let tx = match self.links.entry((to, channel)) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(v) => {
                 if shared.member(to).is_none() {
@@ -430,7 +462,7 @@ impl Links {
                     return;
                 }
                 let (tx, rx) = mpsc::channel(LINK_QUEUE);
-                tokio::spawn(link(shared.clone(), to, rx, inputs.clone()));
+                tokio::spawn(link(shared.clone(), to, channel, rx, inputs.clone()));
                 v.insert(tx)
             }
         };
@@ -441,7 +473,7 @@ impl Links {
 
     /// Closes the links to peers that are no longer members.
     pub fn retain(&mut self, keep: impl Fn(RaftId) -> bool) {
-        self.links.retain(|id, _| keep(*id));
+        self.links.retain(|(id, _), _| keep(*id));
     }
 }
 
@@ -451,12 +483,13 @@ impl Links {
 async fn link(
     shared: Arc<Shared>,
     to: RaftId,
+    channel: Channel,
     mut rx: mpsc::Receiver<Message>,
     inputs: mpsc::UnboundedSender<Input>,
 ) {
     let mut backoff = MIN_BACKOFF;
     loop {
-        match tokio::time::timeout(CONNECT_TIMEOUT, connect(&shared, Channel::Raft, to)).await {
+        match tokio::time::timeout(CONNECT_TIMEOUT, connect(&shared, channel, to)).await {
             Ok(Ok(stream)) => {
                 shared.counters.connects.fetch_add(1, Ordering::Relaxed);
                 let up = tokio::time::Instant::now();
@@ -626,6 +659,7 @@ async fn receive_snapshot(
         stream,
         hello,
         authenticated,
+        ..
     } = acc;
     let result = async {
         let mut stream = stream.reregister()?;
@@ -739,7 +773,7 @@ mod tests {
             from: 1,
             to: 2,
         };
-        for ch in [Channel::Raft, Channel::Snapshot] {
+        for ch in [Channel::Raft, Channel::Heartbeat, Channel::Snapshot] {
             let f = hello_frame(ch, &h);
             let (c, back) = read_hello(&mut f.as_slice()).await.unwrap();
             assert_eq!((c, back), (ch, h.clone()));

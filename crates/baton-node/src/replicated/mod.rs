@@ -263,6 +263,7 @@ impl ReplicatedService {
             conns: HashMap::new(),
             keeper_group,
             keeper_fences: 0,
+            keeper_fenced: false,
             conn_tx,
             answer_tx,
             entropy: seed(),
@@ -400,6 +401,8 @@ struct Loop {
     /// This service's group in the keeper, and its fences seen so far.
     keeper_group: u32,
     keeper_fences: u64,
+    /// The keeper fenced this primary's sockets: it must stop serving.
+    keeper_fenced: bool,
     conn_tx: mpsc::UnboundedSender<FromConn>,
     answer_tx: mpsc::UnboundedSender<Answers>,
     entropy: u64,
@@ -649,6 +652,20 @@ impl Loop {
         }
     }
 
+    /// Whether this primary must stop: its lease ended, here or as the
+    /// keeper saw it (the keeper then fenced its sockets).
+    fn fenced(&mut self) -> bool {
+        let fences = self
+            .cfg
+            .keeper
+            .as_ref()
+            .map_or(0, |k| k.fences(self.keeper_group));
+        let by_keeper = fences != self.keeper_fences;
+        self.keeper_fences = fences;
+        self.keeper_fenced |= by_keeper;
+        self.keeper_fenced || !self.group.lease_holds()
+    }
+
     /// When to look at the lease next: at its end while primary; soon
     /// while a leader waits for one to take over; never otherwise.
     fn lease_wake(&self) -> impl std::future::Future<Output = ()> {
@@ -678,15 +695,8 @@ impl Loop {
     /// connections from the log as after a failover.
     async fn check_lease(&mut self, queue: &mut NfQueue) {
         if self.primary {
-            let fences = self
-                .cfg
-                .keeper
-                .as_ref()
-                .map_or(0, |k| k.fences(self.keeper_group));
-            let fenced = fences != self.keeper_fences;
-            self.keeper_fences = fences;
-            if fenced || !self.group.lease_holds() {
-                tracing::warn!(service = %self.cfg.name, by_keeper = fenced, "the lease ended: no longer answering clients");
+            if self.fenced() {
+                tracing::warn!(service = %self.cfg.name, lease_holds = self.group.lease_holds(), "the lease ended: no longer answering clients");
                 self.on_deposed(queue).await;
             }
         } else {
@@ -773,6 +783,9 @@ impl Loop {
         }
         self.capture = Capture::new();
         self.capture.handle_commit(self.replica.applied_index());
+        // Fences reported until now were of the sockets given up before.
+        let _ = self.fenced();
+        self.keeper_fenced = false;
         self.primary = true;
         self.last_checkpoint = tokio::time::Instant::now();
         if !lost.is_empty() {
@@ -1101,7 +1114,9 @@ impl Loop {
             FromConn::Failed { conn, error } => {
                 tracing::debug!(service = %self.cfg.name, client = %conn.client, error, "connection ended by the kernel");
                 self.conns.remove(&conn);
-                if self.primary && self.replica.connection(&conn).is_some() {
+                // A fenced socket fails too: that connection lives on in
+                // the log, and the lease check stops this primary.
+                if self.primary && !self.fenced() && self.replica.connection(&conn).is_some() {
                     self.submit(vec![Proposal {
                         packet_ids: Vec::new(),
                         entry: ReplicaEntry::Aborted { conn },
