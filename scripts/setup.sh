@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(iproute2 iptables iputils-ping redis-tools redis-server keepalived procps protobuf-compiler fonts-dejavu-core python3 python3-venv)
+packages=(iproute2 iptables nftables tcpdump iputils-ping redis-tools redis-server keepalived procps protobuf-compiler fonts-dejavu-core python3 python3-venv)
 # Node.js for the ioredis client test: the machine's own when it has one
 # (20 or newer), Debian's otherwise.
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then

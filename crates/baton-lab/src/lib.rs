@@ -23,6 +23,7 @@ pub mod cluster;
 mod deadline;
 mod host;
 mod shell;
+mod watch;
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -36,7 +37,8 @@ use serde::Serialize;
 pub use baton_net::counters::TcpCounters;
 pub use deadline::Deadline;
 pub use host::{Host, Role};
-use shell::{ip, ip_json};
+use shell::{ip, ip_json, nft};
+pub use watch::{sender_runs, speakers_overlap, SenderRun, SenderWatch, SentFrame};
 
 /// Largest number of nodes or clients in one lab.
 pub const MAX_HOSTS_PER_ROLE: u32 = 200;
@@ -51,6 +53,15 @@ pub enum LabError {
     NotRoot,
     #[error("the `ip` command was not found: install iproute2 (apt-get install iproute2)")]
     NoIpTool,
+    #[error("the `{tool}` command was not found: install {package} (apt-get install {package}, or run scripts/setup.sh)")]
+    NoTool {
+        tool: &'static str,
+        package: &'static str,
+    },
+    #[error("{0} is a client: only a node can be partitioned from its peers (isolate cuts any host off)")]
+    NotANode(String),
+    #[error("sender watch: {0}")]
+    Watch(String),
     #[error("lab name {0:?} is invalid: use 1 to {MAX_NAME_LEN} characters a-z, 0-9, starting with a letter")]
     BadName(String),
     #[error("lab {0:?} already exists: pick another --name, or remove it with `baton lab down --name {0}`")]
@@ -80,7 +91,13 @@ pub enum Fault {
     /// up and its processes keep running (a partition, as a failed switch
     /// port would make).
     Isolate,
-    /// Undo [`Fault::Isolate`].
+    /// The node exchanges no frame at all (unicast, broadcast, multicast,
+    /// ARP/ND) with the other nodes, while it still reaches and is reached
+    /// by the clients: its peers lose it, its clients do not (the case a
+    /// fence must handle, since the node goes on serving).
+    Partition,
+    /// Undo [`Fault::Isolate`] and [`Fault::Partition`]; a no-op on a host
+    /// that has neither.
     Heal,
     /// The host's cable is pulled: it sees its carrier go down.
     LinkDown,
@@ -93,11 +110,12 @@ impl std::str::FromStr for Fault {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "isolate" => Ok(Fault::Isolate),
+            "partition" => Ok(Fault::Partition),
             "heal" => Ok(Fault::Heal),
             "link-down" => Ok(Fault::LinkDown),
             "link-up" => Ok(Fault::LinkUp),
             other => Err(format!(
-                "unknown fault {other:?}: use isolate, heal, link-down or link-up"
+                "unknown fault {other:?}: use isolate, partition, heal, link-down or link-up"
             )),
         }
     }
@@ -131,7 +149,8 @@ pub struct HostStatus {
     pub ipv6: Option<Ipv6Addr>,
     /// Other global addresses on the host (VIPs it holds).
     pub extra_addresses: Vec<String>,
-    /// `up`, `down` (link-down or crashed) or `isolated`.
+    /// `up`, `down` (link-down or crashed), `isolated`, `partitioned` or
+    /// `missing`.
     pub link: String,
     pub processes: Vec<ProcessStatus>,
 }
@@ -176,6 +195,16 @@ fn bridge_name(lab: &str) -> String {
     format!("{lab}-br")
 }
 
+/// The nftables table (bridge family) of a lab's switch: ours alone, so
+/// that partitions touch nothing else in the switch namespace.
+const NFT_TABLE: &str = "baton_lab";
+
+/// The chain of the partition of `host`: one base chain per partitioned
+/// host, so that hosts are partitioned and healed independently.
+fn partition_chain(host: &str) -> String {
+    format!("partition_{host}")
+}
+
 /// Names of every network namespace on the machine.
 fn all_netns() -> Result<Vec<String>, LabError> {
     let dir = match std::fs::read_dir(baton_net::netns::NETNS_RUN_DIR) {
@@ -218,7 +247,8 @@ pub fn down(name: &str) -> Result<(), LabError> {
     check_name(name)?;
     check_requirements()?;
     let namespaces = lab_netns(name)?;
-    for ns in namespaces.iter().filter(|ns| !ns.ends_with("-sw")) {
+    // The switch too: a sender watch captures there.
+    for ns in &namespaces {
         kill_all_in(ns);
     }
     let _ = std::fs::remove_dir_all(state_root(name));
@@ -481,6 +511,16 @@ impl Lab {
         child.wait().ok()
     }
 
+    /// Whether a process started with [`Lab::spawn`] has exited (or is not
+    /// one of the lab's).
+    pub(crate) fn has_exited(&self, pid: u32) -> bool {
+        let mut children = self.children.lock().unwrap_or_else(|e| e.into_inner());
+        children
+            .iter_mut()
+            .find(|c| c.id() == pid)
+            .is_none_or(|c| !matches!(c.try_wait(), Ok(None)))
+    }
+
     /// Kills a process started with [`Lab::spawn`] at once (SIGKILL, as
     /// `kill -9`) and reaps it. Returns its exit status.
     pub fn kill(&self, pid: u32) -> Option<ExitStatus> {
@@ -528,8 +568,20 @@ impl Lab {
         let br = bridge_name(&self.name);
         match fault {
             Fault::Isolate => ip(&["-n", &sw, "link", "set", &host.port, "nomaster"]),
+            Fault::Partition => self.partition(host),
             Fault::Heal => {
                 ip(&["-n", &sw, "link", "set", &host.port, "master", &br])?;
+                if self.partitioned()?.contains(&host.name) {
+                    let chain = partition_chain(&host.name);
+                    let t = NFT_TABLE;
+                    // Flushed first, in the same transaction: the delete
+                    // then never depends on the kernel dropping a chain's
+                    // rules with it.
+                    let script = format!(
+                        "flush chain bridge {t} {chain}\ndelete chain bridge {t} {chain}\n"
+                    );
+                    nft(&sw, &["-f", "-"], &script)?;
+                }
                 self.forget_failed_neighbours(host);
                 Ok(())
             }
@@ -540,6 +592,62 @@ impl Lab {
                 Ok(())
             }
         }
+    }
+
+    /// Drops, in the switch's forward hook, every frame between `host`'s
+    /// port and the other nodes' ports, both ways. The forward hook runs
+    /// once per output port, for flooded frames too, so broadcasts and
+    /// multicasts still reach the clients. Idempotent.
+    fn partition(&self, host: &Host) -> Result<(), LabError> {
+        if host.role != Role::Node {
+            return Err(LabError::NotANode(host.name.clone()));
+        }
+        let peers: Vec<String> = self
+            .hosts
+            .iter()
+            .filter(|h| h.role == Role::Node && h.name != host.name)
+            .map(|h| format!("\"{}\"", h.port))
+            .collect();
+        let (t, chain, port) = (NFT_TABLE, partition_chain(&host.name), &host.port);
+        let mut script = format!(
+            "add table bridge {t}\n\
+             add chain bridge {t} {chain} {{ type filter hook forward priority 0; policy accept; }}\n\
+             flush chain bridge {t} {chain}\n"
+        );
+        if !peers.is_empty() {
+            let peers = peers.join(", ");
+            script.push_str(&format!(
+                "add rule bridge {t} {chain} iifname \"{port}\" oifname {{ {peers} }} drop\n\
+                 add rule bridge {t} {chain} oifname \"{port}\" iifname {{ {peers} }} drop\n"
+            ));
+        }
+        nft(&switch_netns(&self.name), &["-f", "-"], &script).map(drop)
+    }
+
+    /// Names of the hosts partitioned now (none where `nft` is missing:
+    /// then nothing can have partitioned them).
+    fn partitioned(&self) -> Result<std::collections::BTreeSet<String>, LabError> {
+        if !shell::on_path("nft") {
+            return Ok(Default::default());
+        }
+        let sw = switch_netns(&self.name);
+        let out = nft(&sw, &["-j", "list", "chains", "bridge"], "")?;
+        let listing: serde_json::Value =
+            serde_json::from_slice(&out).map_err(|e| LabError::Command {
+                command: format!("nft -j list chains bridge (in {sw})"),
+                detail: format!("unreadable JSON: {e}"),
+            })?;
+        let prefix = partition_chain("");
+        Ok(listing
+            .get("nftables")
+            .and_then(|n| n.as_array())
+            .into_iter()
+            .flatten()
+            .filter_map(|item| item.get("chain"))
+            .filter(|c| c.get("table").and_then(|t| t.as_str()) == Some(NFT_TABLE))
+            .filter_map(|c| c.get("name")?.as_str()?.strip_prefix(&prefix))
+            .map(str::to_owned)
+            .collect())
     }
 
     /// After a heal: neighbour entries that failed (or are still being
@@ -627,6 +735,7 @@ impl Lab {
             .into_iter()
             .filter_map(|l| Some((l.get("ifname")?.as_str()?.to_owned(), l)))
             .collect();
+        let partitioned = self.partitioned()?;
         let mut hosts = Vec::new();
         for host in &self.hosts {
             let port = ports.get(&host.port);
@@ -638,10 +747,12 @@ impl Lab {
                         .get("flags")
                         .and_then(|f| f.as_array())
                         .is_some_and(|f| f.iter().any(|x| x == "UP"));
-                    if up {
-                        "up"
-                    } else {
+                    if !up {
                         "down"
+                    } else if partitioned.contains(&host.name) {
+                        "partitioned"
+                    } else {
+                        "up"
                     }
                 }
             };
@@ -751,6 +862,7 @@ mod tests {
     #[test]
     fn faults_parse() {
         assert_eq!("isolate".parse::<Fault>(), Ok(Fault::Isolate));
+        assert_eq!("partition".parse::<Fault>(), Ok(Fault::Partition));
         assert!("explode".parse::<Fault>().is_err());
     }
 }

@@ -1,6 +1,8 @@
-//! Running `ip`, the one external tool the lab needs.
+//! Running the external tools of the lab: `ip` (every operation), `nft`
+//! (peer partitions) and `tcpdump` (sender watches).
 
-use std::process::Command;
+use std::io::Write;
+use std::process::{Command, Stdio};
 
 use crate::LabError;
 
@@ -24,6 +26,44 @@ fn run_ip(args: &[&str]) -> Result<Vec<u8>, LabError> {
         Err(LabError::Command {
             command: format!("ip {}", args.join(" ")),
             detail: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        })
+    }
+}
+
+/// An error unless `tool` is on PATH; `package` is the Debian package that
+/// has it. Checked where a tool is used, so that a lab without partitions
+/// or watches needs only `ip`.
+pub(crate) fn require(tool: &'static str, package: &'static str) -> Result<(), LabError> {
+    if on_path(tool) {
+        Ok(())
+    } else {
+        Err(LabError::NoTool { tool, package })
+    }
+}
+
+/// Runs `nft -f -` inside namespace `netns`, with `script` on its stdin,
+/// and returns its stdout. The script is applied atomically.
+pub(crate) fn nft(netns: &str, args: &[&str], script: &str) -> Result<Vec<u8>, LabError> {
+    require("nft", "nftables")?;
+    let mut child = baton_net::netns::command_in(netns, "nft")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(script.as_bytes())?;
+    }
+    let output = child.wait_with_output()?;
+    if output.status.success() {
+        Ok(output.stdout)
+    } else {
+        Err(LabError::Command {
+            command: format!("nft {} (in {netns})", args.join(" ")),
+            detail: String::from_utf8_lossy(&output.stderr)
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" "),
         })
     }
 }

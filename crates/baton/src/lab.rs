@@ -44,7 +44,8 @@ enum LabCommand {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
-    /// Injects a link fault: isolate, heal, link-down or link-up.
+    /// Injects a link fault: isolate, partition (a node from the other
+    /// nodes only), heal, link-down or link-up.
     Fault {
         #[arg(long, default_value = "lab")]
         name: String,
