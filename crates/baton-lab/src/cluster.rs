@@ -48,7 +48,9 @@ pub struct Cluster {
     bin: PathBuf,
     services: Vec<ServiceSpec>,
     options: NodeOptions,
-    pids: BTreeMap<String, u32>,
+    /// Running nodes' daemons; a lock so that faults need only `&self`
+    /// (a test watches the lab meanwhile).
+    pids: std::sync::Mutex<BTreeMap<String, u32>>,
     /// Every node's public key (hex), as `baton key node` printed it.
     public_keys: BTreeMap<String, String>,
     keep: bool,
@@ -73,7 +75,7 @@ impl Cluster {
             bin: bin.to_owned(),
             services: services.to_vec(),
             options,
-            pids: BTreeMap::new(),
+            pids: std::sync::Mutex::new(BTreeMap::new()),
             public_keys: BTreeMap::new(),
             keep: false,
         };
@@ -215,7 +217,7 @@ impl Cluster {
             .stdout(Stdio::null())
             .stderr(log);
         let pid = self.lab.spawn(cmd)?;
-        self.pids.insert(node.to_owned(), pid);
+        self.pids().insert(node.to_owned(), pid);
         Ok(())
     }
 
@@ -285,8 +287,9 @@ impl Cluster {
 
     /// Stops `node`'s process with SIGTERM (a clean shutdown) and waits;
     /// returns whether it exited by itself, with status 0.
-    pub fn stop_node(&mut self, node: &str) -> bool {
-        match self.pids.remove(node) {
+    pub fn stop_node(&self, node: &str) -> bool {
+        let pid = self.pids().remove(node);
+        match pid {
             Some(pid) => self
                 .lab
                 .stop(pid, Duration::from_secs(5))
@@ -297,16 +300,21 @@ impl Cluster {
 
     /// Kills `node`'s daemon with SIGKILL (`kill -9`): nothing of it runs
     /// any cleanup. Returns whether it was running.
-    pub fn kill_node(&mut self, node: &str) -> bool {
-        match self.pids.remove(node) {
+    pub fn kill_node(&self, node: &str) -> bool {
+        let pid = self.pids().remove(node);
+        match pid {
             Some(pid) => self.lab.kill(pid).is_some(),
             None => false,
         }
     }
 
+    fn pids(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, u32>> {
+        self.pids.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Process id of `node`'s daemon.
     pub fn pid(&self, node: &str) -> Option<u32> {
-        self.pids.get(node).copied()
+        self.pids().get(node).copied()
     }
 
     /// The log `node` wrote so far.
@@ -333,7 +341,7 @@ impl Drop for Cluster {
         if self.keep {
             return;
         }
-        let nodes: Vec<String> = self.pids.keys().cloned().collect();
+        let nodes: Vec<String> = self.pids().keys().cloned().collect();
         for node in nodes {
             let _ = self.stop_node(&node);
         }

@@ -87,7 +87,7 @@ pub struct MoveSummary {
 
 /// Frame magic of peer queries and replies.
 pub const PEER_MAGIC: [u8; 4] = *b"BTPQ";
-pub const PEER_VERSION: u16 = 4;
+pub const PEER_VERSION: u16 = 5;
 
 /// What one node asks another.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -232,6 +232,7 @@ mod tests {
                 connections: 12,
                 lost: 0,
             }),
+            lease_lapses: Some(2),
             ..Default::default()
         };
         let plain = crate::service_log::LogStatus {

@@ -469,6 +469,7 @@ async fn log_statuses(node: &Node) -> Vec<(String, LogStatus)> {
                     s.stream_mismatches = Some(rs.stream_mismatches);
                     s.malformed_dropped = Some(rs.malformed_dropped);
                     s.last_takeover = rs.last_takeover;
+                    s.lease_lapses = Some(rs.lease_lapses);
                 }
             }
             None => s.role = if running { "primary" } else { "standby" }.to_owned(),

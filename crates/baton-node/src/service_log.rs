@@ -95,6 +95,9 @@ pub struct LogStatus {
     pub learners: Vec<String>,
     /// A replicated service: this node's latest takeover as primary.
     pub last_takeover: Option<crate::replicated::Takeover>,
+    /// A replicated service: times this node stopped serving because its
+    /// lease ended while it still led (it was stopped, cut off, or late).
+    pub lease_lapses: Option<u64>,
 }
 
 /// Applied state, kept from the group's events.
@@ -355,6 +358,7 @@ fn log_status(s: &Status, applied: u64) -> LogStatus {
         state_digest: None,
         stream_mismatches: None,
         last_takeover: None,
+        lease_lapses: None,
         malformed_dropped: None,
         voters: s
             .membership

@@ -165,6 +165,9 @@ pub fn run_ctl(args: CtlArgs) -> Result<i32> {
                             t.lost
                         );
                     }
+                    if let Some(n) = l.status.lease_lapses.filter(|n| *n > 0) {
+                        println!("      stopped serving {n} times when its lease ended");
+                    }
                 }
             }
             if status.refused_peer_connections > 0 {

@@ -27,9 +27,14 @@ const STREAM_EVERY: Duration = Duration::from_millis(8);
 
 /// The primary (node1) fails by `fault` while four paced echo streams
 /// and an INCR probe run through it; a survivor must take over every
-/// connection.
-fn failover_under_load(prefix: &str, fault: impl FnOnce(&mut Cluster)) -> Cluster {
-    let mut c = cluster(
+/// connection. `after` runs once the clients are done, while the switch
+/// still watches who sends for the VIPs: at no time may two nodes.
+fn failover_under_load(
+    prefix: &str,
+    fault: impl FnOnce(&Cluster),
+    after: impl FnOnce(&Cluster),
+) -> Cluster {
+    let c = cluster(
         prefix,
         &[
             replicated("kv", "kv", kv_vip(), KV_PORT),
@@ -39,6 +44,7 @@ fn failover_under_load(prefix: &str, fault: impl FnOnce(&mut Cluster)) -> Cluste
     );
     assert_eq!(wait_roles(&c, "kv"), "node1");
     assert_eq!(wait_roles(&c, "echo"), "node1");
+    let watch = c.lab.watch_senders(&[kv_vip(), echo_vip()]).unwrap();
     let before1 = c.lab.tcp_counters("client1").unwrap();
     let before2 = c.lab.tcp_counters("client2").unwrap();
 
@@ -74,7 +80,7 @@ fn failover_under_load(prefix: &str, fault: impl FnOnce(&mut Cluster)) -> Cluste
 
     std::thread::sleep(Duration::from_millis(1500));
     let crashed_at = Instant::now();
-    fault(&mut c);
+    fault(&c);
     let logs_on_failure = LogsOnFailure(&c);
     let survivors = ["node2", "node3"];
     let primary = wait_primary_among(&c, "kv", &survivors);
@@ -129,6 +135,25 @@ fn failover_under_load(prefix: &str, fault: impl FnOnce(&mut Cluster)) -> Cluste
     }
     no_resets(&c, "client1", &before1);
     no_resets(&c, "client2", &before2);
+    after(&c);
+    let frames = watch.finish().unwrap();
+    for vip in [kv_vip(), echo_vip()] {
+        let runs = baton_lab::sender_runs(&frames, vip);
+        eprintln!("who sent for {vip}: {runs:?}");
+        assert_eq!(baton_lab::speakers_overlap(&frames, vip), None, "{runs:?}");
+        assert_eq!(
+            runs.first().map(|r| r.host.as_str()),
+            Some("node1"),
+            "{runs:?}"
+        );
+    }
+    for service in ["kv", "echo"] {
+        let lapses: Vec<_> = views(&c, service)
+            .iter()
+            .map(|v| format!("{} {}", v["node"], v["lease_lapses"]))
+            .collect();
+        eprintln!("{service}: lease lapses {lapses:?}");
+    }
     std::mem::forget(logs_on_failure);
     c
 }
@@ -155,7 +180,7 @@ fn a_crashed_primary_host_loses_no_connection_and_no_byte() {
         "a_crashed_primary_host_loses_no_connection_and_no_byte",
         Duration::from_secs(240),
     );
-    failover_under_load("fc", |c| c.lab.crash("node1").unwrap());
+    failover_under_load("fc", |c| c.lab.crash("node1").unwrap(), |_| {});
 }
 
 #[test]
@@ -164,7 +189,7 @@ fn a_killed_primary_daemon_says_nothing_and_loses_no_connection() {
         "a_killed_primary_daemon_says_nothing_and_loses_no_connection",
         Duration::from_secs(240),
     );
-    let c = failover_under_load("fk", |c| assert!(c.kill_node("node1")));
+    let c = failover_under_load("fk", |c| assert!(c.kill_node("node1")), |_| {});
     // Its keeper dropped the VIPs: the host no longer answers for them.
     let addrs = c.lab.status().unwrap();
     let node1 = addrs.hosts.iter().find(|h| h.name == "node1").unwrap();
@@ -183,27 +208,35 @@ fn a_planned_move_passes_the_lead_and_every_connection() {
         "a_planned_move_passes_the_lead_and_every_connection",
         Duration::from_secs(240),
     );
-    failover_under_load("fm", |c| {
-        let kv = c.move_service("node1", "kv", "node2").unwrap();
-        let echo = c.move_service("node3", "echo", "node3").unwrap();
-        eprintln!("moves: kv paused {kv:.1} ms, echo paused {echo:.1} ms");
-    });
+    failover_under_load(
+        "fm",
+        |c| {
+            let kv = c.move_service("node1", "kv", "node2").unwrap();
+            let echo = c.move_service("node3", "echo", "node3").unwrap();
+            eprintln!("moves: kv paused {kv:.1} ms, echo paused {echo:.1} ms");
+        },
+        |_| {},
+    );
 }
 
 /// After a fault that leaves node1 running (stopped, cut off), it comes
-/// back as a clone of the new primary, with the same state.
+/// back as a member that serves the same state: a clone, or the primary
+/// again if a later election chose it; one primary in all.
 fn rejoins_as_clone(c: &Cluster) {
     for service in ["kv", "echo"] {
         let start = Instant::now();
         loop {
             let v = views(c, service);
-            let node1 = v.iter().find(|l| l["node"] == "node1");
-            if v.len() == 3 && node1.is_some_and(|l| l["role"] == "clone") {
+            let primaries = v.iter().filter(|l| l["role"] == "primary").count();
+            let clones = v.iter().filter(|l| l["role"] == "clone").count();
+            if v.len() == 3 && primaries == 1 && clones == 2 {
+                let node1 = v.iter().find(|l| l["node"] == "node1").unwrap();
+                eprintln!("{service}: node1 is {} again", node1["role"]);
                 break;
             }
             assert!(
                 start.elapsed() < Duration::from_secs(30),
-                "{service}: node1 did not rejoin as a clone: {v:?}"
+                "{service}: node1 did not rejoin: {v:?}"
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -217,15 +250,18 @@ fn a_stopped_primary_daemon_is_fenced_by_its_lease_and_rejoins() {
         "a_stopped_primary_daemon_is_fenced_by_its_lease_and_rejoins",
         Duration::from_secs(240),
     );
-    let c = failover_under_load("fs", |c| {
-        let pid = c.pid("node1").expect("node1 runs");
-        signal(pid, "-STOP");
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_secs(2));
-            signal(pid, "-CONT");
-        });
-    });
-    rejoins_as_clone(&c);
+    failover_under_load(
+        "fs",
+        |c| {
+            let pid = c.pid("node1").expect("node1 runs");
+            signal(pid, "-STOP");
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(2));
+                signal(pid, "-CONT");
+            });
+        },
+        rejoins_as_clone,
+    );
 }
 
 #[test]
@@ -234,19 +270,38 @@ fn an_isolated_primary_stops_serving_and_rejoins_after_healing() {
         "an_isolated_primary_stops_serving_and_rejoins_after_healing",
         Duration::from_secs(240),
     );
-    let c = failover_under_load("fi", |c| {
-        c.lab.fault("node1", Fault::Isolate).unwrap();
-    });
-    // Cut off, its lease ended: it gave up the VIPs.
-    let status = c.lab.status().unwrap();
-    let node1 = status.hosts.iter().find(|h| h.name == "node1").unwrap();
-    for vip in [kv_vip(), echo_vip()] {
-        assert!(
-            !node1.extra_addresses.contains(&vip.to_string()),
-            "node1 still holds {vip}: {:?}",
-            node1.extra_addresses
-        );
-    }
-    c.lab.fault("node1", Fault::Heal).unwrap();
-    rejoins_as_clone(&c);
+    cut_off_primary("fi", Fault::Isolate);
+}
+
+#[test]
+fn a_primary_cut_off_from_its_peers_stops_answering_its_clients_and_rejoins() {
+    let _deadline = Deadline::start(
+        "a_primary_cut_off_from_its_peers_stops_answering_its_clients_and_rejoins",
+        Duration::from_secs(240),
+    );
+    cut_off_primary("fp", Fault::Partition);
+}
+
+/// node1 is cut off by `fault` (from everyone, or from its peers only, its
+/// clients still reaching it): the majority takes over, node1 gives up
+/// the VIPs and says nothing more for them, and after healing it is a
+/// clone again.
+fn cut_off_primary(prefix: &str, fault: Fault) {
+    failover_under_load(
+        prefix,
+        |c| c.lab.fault("node1", fault).unwrap(),
+        |c| {
+            let status = c.lab.status().unwrap();
+            let node1 = status.hosts.iter().find(|h| h.name == "node1").unwrap();
+            for vip in [kv_vip(), echo_vip()] {
+                assert!(
+                    !node1.extra_addresses.contains(&vip.to_string()),
+                    "node1 still holds {vip}: {:?}",
+                    node1.extra_addresses
+                );
+            }
+            c.lab.fault("node1", Fault::Heal).unwrap();
+            rejoins_as_clone(c);
+        },
+    );
 }

@@ -260,7 +260,7 @@ fn a_move_to_a_down_or_dying_node_leaves_the_service_running() {
     if !have_redis_tools() {
         panic!("redis-tools missing: run scripts/setup.sh");
     }
-    let mut c = cluster("nd", &[service("kv", "kv", KV_PORT)]);
+    let c = cluster("nd", &[service("kv", "kv", KV_PORT)]);
     let before = c.lab.tcp_counters("client2").unwrap();
     let counter = incr_client(&c, "client2", "n", 300, Duration::from_millis(10));
 

@@ -128,7 +128,7 @@ impl GroupConfig {
             heartbeat_ticks: 1,
             max_entry_bytes: 8 << 20,
             max_append_bytes: 1 << 20,
-            max_inflight: 256,
+            max_inflight: 32,
             max_uncommitted_bytes: 256 << 20,
             max_snapshot_bytes: 1 << 30,
         }

@@ -101,6 +101,8 @@ pub struct ReplicaStatus {
     /// Bytes the kernel handed up that differ from the replica's.
     pub stream_mismatches: u64,
     pub last_takeover: Option<Takeover>,
+    /// Times this node stopped serving as primary because its lease ended.
+    pub lease_lapses: u64,
 }
 
 /// A takeover as primary, for `ctl status`: when, and how long clients
@@ -261,6 +263,8 @@ impl ReplicatedService {
             accepted: HashMap::new(),
             vip_guard: None,
             conns: HashMap::new(),
+            conn_tasks: HashMap::new(),
+            vanishing: Vec::new(),
             keeper_group,
             keeper_fences: 0,
             keeper_fenced: false,
@@ -273,6 +277,7 @@ impl ReplicatedService {
             digests_sent: HashMap::new(),
             stream_mismatches: 0,
             last_takeover: None,
+            lease_lapses: 0,
             digest_cache: None,
             _rules: rules,
         };
@@ -398,6 +403,11 @@ struct Loop {
     vip_guard: Option<String>,
     /// Open connections' socket tasks (primary only).
     conns: HashMap<ConnKey, mpsc::UnboundedSender<ToConn>>,
+    conn_tasks: HashMap<ConnKey, tokio::task::JoinHandle<()>>,
+    /// Tasks told to close their sockets silently when this node stopped
+    /// serving: a new takeover waits for them, as it rebuilds the same
+    /// connections.
+    vanishing: Vec<tokio::task::JoinHandle<()>>,
     /// This service's group in the keeper, and its fences seen so far.
     keeper_group: u32,
     keeper_fences: u64,
@@ -413,6 +423,7 @@ struct Loop {
     digests_sent: HashMap<ConnKey, u64>,
     stream_mismatches: u64,
     last_takeover: Option<Takeover>,
+    lease_lapses: u64,
     /// The last state digest computed: index, hex digest, when.
     digest_cache: Option<(u64, String, tokio::time::Instant)>,
     _rules: CaptureRules,
@@ -696,6 +707,7 @@ impl Loop {
     async fn check_lease(&mut self, queue: &mut NfQueue) {
         if self.primary {
             if self.fenced() {
+                self.lease_lapses += 1;
                 tracing::warn!(service = %self.cfg.name, lease_holds = self.group.lease_holds(), "the lease ended: no longer answering clients");
                 self.on_deposed(queue).await;
             }
@@ -709,6 +721,17 @@ impl Loop {
     /// afterwards), and are proposed, committed and accepted as usual.
     async fn take_over(&mut self) {
         let started = tokio::time::Instant::now();
+        // The sockets given up last time hold the connections' addresses
+        // until their tasks closed them.
+        let vanishing = std::mem::take(&mut self.vanishing);
+        let closed = tokio::time::timeout(Duration::from_secs(1), async {
+            for task in vanishing {
+                let _ = task.await;
+            }
+        });
+        if closed.await.is_err() {
+            tracing::warn!(service = %self.cfg.name, "old sockets still open at a takeover");
+        }
         let taken = match baton_net::vip::take_address(&self.cfg.spec).await {
             Ok(t) => t,
             Err(e) => {
@@ -810,11 +833,12 @@ impl Loop {
         let (tx, rx) = mpsc::unbounded_channel();
         self.conns.insert(conn, tx.clone());
         let to_loop = self.conn_tx.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             conn::run(conn, stream, rx, to_loop).await;
             // After the socket's own close: the keeper's copy goes last.
             drop(kept);
         });
+        self.conn_tasks.insert(conn, task);
         tx
     }
 
@@ -924,6 +948,8 @@ impl Loop {
         for (_, tx) in self.conns.drain() {
             let _ = tx.send(ToConn::Vanish);
         }
+        self.vanishing
+            .extend(self.conn_tasks.drain().map(|(_, task)| task));
         for (_, (stream, kept)) in self.accepted.drain() {
             conn::vanish(stream);
             drop(kept);
@@ -1114,6 +1140,7 @@ impl Loop {
             FromConn::Failed { conn, error } => {
                 tracing::debug!(service = %self.cfg.name, client = %conn.client, error, "connection ended by the kernel");
                 self.conns.remove(&conn);
+                self.conn_tasks.remove(&conn);
                 // A fenced socket fails too: that connection lives on in
                 // the log, and the lease check stops this primary.
                 if self.primary && !self.fenced() && self.replica.connection(&conn).is_some() {
@@ -1157,6 +1184,7 @@ impl Loop {
                 }
                 Action::Forget { conn } => {
                     self.conns.remove(&conn);
+                    self.conn_tasks.remove(&conn);
                     self.accepted.remove(&conn);
                 }
                 Action::SetTimer { .. } | Action::CancelTimer { .. } => {}
@@ -1204,6 +1232,7 @@ impl Loop {
             waiting_commit: self.capture.waiting(),
             stream_mismatches: self.stream_mismatches,
             last_takeover: self.last_takeover,
+            lease_lapses: self.lease_lapses,
         }
     }
 }
