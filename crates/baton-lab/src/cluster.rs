@@ -203,7 +203,7 @@ impl Cluster {
 
     /// Starts (or restarts) the node process of `node`; its log goes to
     /// `node.log` in its state directory.
-    pub fn start_node(&mut self, node: &str) -> Result<(), LabError> {
+    pub fn start_node(&self, node: &str) -> Result<(), LabError> {
         let config = self.write_config(node)?;
         let log = std::fs::File::create(self.lab.state_dir(node)?.join("node.log"))?;
         let mut cmd = self.lab.command(node, &self.bin.to_string_lossy())?;

@@ -44,6 +44,20 @@ fn failover_under_load(
     );
     assert_eq!(wait_roles(&c, "kv"), "node1");
     assert_eq!(wait_roles(&c, "echo"), "node1");
+    under_load(&c, "node1", fault, after);
+    c
+}
+
+/// The load of [`failover_under_load`] through `primary` (of both
+/// services), failed by `fault`; the other nodes must take over.
+fn under_load(
+    c: &Cluster,
+    primary: &str,
+    fault: impl FnOnce(&Cluster),
+    after: impl FnOnce(&Cluster),
+) {
+    let survivors: Vec<&str> = NODES.iter().copied().filter(|n| *n != primary).collect();
+    let counter = format!("failover:{primary}:counter");
     let watch = c.lab.watch_senders(&[kv_vip(), echo_vip()]).unwrap();
     let before1 = c.lab.tcp_counters("client1").unwrap();
     let before2 = c.lab.tcp_counters("client2").unwrap();
@@ -53,7 +67,7 @@ fn failover_under_load(
     for (i, host) in ["client1", "client2"].iter().enumerate() {
         for j in 0..STREAMS_PER_CLIENT {
             let seed = i as u64 * 10 + j;
-            let s = connect(&c, host, echo_addr);
+            let s = connect(c, host, echo_addr);
             streams.push(paced_echo_stream(
                 s,
                 seed,
@@ -65,8 +79,8 @@ fn failover_under_load(
     }
     let stop = Arc::new(AtomicBool::new(false));
     let probe = incr_probe(
-        connect(&c, "client2", SocketAddr::new(kv_vip(), KV_PORT)),
-        "failover:counter",
+        connect(c, "client2", SocketAddr::new(kv_vip(), KV_PORT)),
+        &counter,
         stop.clone(),
     );
 
@@ -80,13 +94,12 @@ fn failover_under_load(
 
     std::thread::sleep(Duration::from_millis(1500));
     let crashed_at = Instant::now();
-    fault(&c);
-    let logs_on_failure = LogsOnFailure(&c);
-    let survivors = ["node2", "node3"];
-    let primary = wait_primary_among(&c, "kv", &survivors);
-    eprintln!("kv primary {primary} after {:?}", crashed_at.elapsed());
-    let echo_primary = wait_primary_among(&c, "echo", &survivors);
-    let view = views_of(&c, "echo", &[echo_primary.as_str()]);
+    fault(c);
+    let logs_on_failure = LogsOnFailure(c);
+    let new_primary = wait_primary_among(c, "kv", &survivors);
+    eprintln!("kv primary {new_primary} after {:?}", crashed_at.elapsed());
+    let echo_primary = wait_primary_among(c, "echo", &survivors);
+    let view = views_of(c, "echo", &[echo_primary.as_str()]);
     let took = &view[0]["last_takeover"];
     eprintln!("echo primary {echo_primary}, takeover {took}");
     assert_eq!(took["connections"], STREAMS_PER_CLIENT * 2, "{took}");
@@ -116,11 +129,11 @@ fn failover_under_load(
         probe.incrs, probe.longest_wait
     );
     assert_eq!(
-        redis_cli(&c, "client1", &["GET", "failover:counter"]),
+        redis_cli(c, "client1", &["GET", &counter]),
         probe.incrs.to_string()
     );
     let same = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        wait_same_state_among(&c, "kv", &survivors)
+        wait_same_state_among(c, "kv", &survivors)
     }));
     if same.is_err() {
         for n in survivors {
@@ -133,9 +146,9 @@ fn failover_under_load(
         }
         panic!("the survivors differ");
     }
-    no_resets(&c, "client1", &before1);
-    no_resets(&c, "client2", &before2);
-    after(&c);
+    no_resets(c, "client1", &before1);
+    no_resets(c, "client2", &before2);
+    after(c);
     let frames = watch.finish().unwrap();
     for vip in [kv_vip(), echo_vip()] {
         let runs = baton_lab::sender_runs(&frames, vip);
@@ -143,19 +156,18 @@ fn failover_under_load(
         assert_eq!(baton_lab::speakers_overlap(&frames, vip), None, "{runs:?}");
         assert_eq!(
             runs.first().map(|r| r.host.as_str()),
-            Some("node1"),
+            Some(primary),
             "{runs:?}"
         );
     }
     for service in ["kv", "echo"] {
-        let lapses: Vec<_> = views(&c, service)
+        let lapses: Vec<_> = views(c, service)
             .iter()
             .map(|v| format!("{} {}", v["node"], v["lease_lapses"]))
             .collect();
         eprintln!("{service}: lease lapses {lapses:?}");
     }
     std::mem::forget(logs_on_failure);
-    c
 }
 
 /// Prints the nodes' logs if the test fails while it lives.
@@ -304,4 +316,26 @@ fn cut_off_primary(prefix: &str, fault: Fault) {
             rejoins_as_clone(c);
         },
     );
+}
+
+#[test]
+fn a_second_failure_after_the_first_loses_nothing_either() {
+    let _deadline = Deadline::start(
+        "a_second_failure_after_the_first_loses_nothing_either",
+        Duration::from_secs(300),
+    );
+    let c = failover_under_load("f2", |c| c.lab.crash("node1").unwrap(), |_| {});
+    // The crashed host comes back, empty, and its node joins as a clone.
+    c.lab.fault("node1", Fault::LinkUp).unwrap();
+    c.start_node("node1").unwrap();
+    c.wait_ready("node1", Duration::from_secs(30)).unwrap();
+    rejoins_as_clone(&c);
+    // Both services on one primary, then it crashes too.
+    let primary = wait_primary_among(&c, "kv", &NODES);
+    if wait_primary_among(&c, "echo", &NODES) != primary {
+        c.move_service(&primary, "echo", &primary).unwrap();
+        assert_eq!(wait_primary_among(&c, "echo", &NODES), primary);
+    }
+    eprintln!("second failure: crashing {primary}");
+    under_load(&c, &primary, |c| c.lab.crash(&primary).unwrap(), |_| {});
 }

@@ -338,7 +338,7 @@ fn a_restarted_node_does_not_take_back_a_moved_service() {
     if !have_redis_tools() {
         panic!("redis-tools missing: run scripts/setup.sh");
     }
-    let mut c = cluster("nr", &[service("kv", "kv", KV_PORT)]);
+    let c = cluster("nr", &[service("kv", "kv", KV_PORT)]);
     assert_eq!(redis_cli(&c, "client1", &["SET", "k", "v"]), "OK");
     c.move_service("node1", "kv", "node2").unwrap();
     assert!(c.stop_node("node1"));
@@ -422,7 +422,7 @@ fn every_node_keeps_the_log_and_a_killed_node_rejoins_under_a_new_id() {
         "every_node_keeps_the_log_and_a_killed_node_rejoins_under_a_new_id",
         Duration::from_secs(180),
     );
-    let mut c = cluster("nl", &[service("echo", "echo", 7000)]);
+    let c = cluster("nl", &[service("echo", "echo", 7000)]);
     // The nodes that start first found the log; one that finds it formed
     // already joins it (under a new id) and replaces its founding id.
     let (_, views) = wait_settled(&c, &deadline, "the log forms");

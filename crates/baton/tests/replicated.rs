@@ -243,7 +243,7 @@ fn a_killed_clone_rejoins_and_catches_up_while_the_service_serves() {
         "a_killed_clone_rejoins_and_catches_up_while_the_service_serves",
         Duration::from_secs(180),
     );
-    let mut c = cluster(
+    let c = cluster(
         "rk",
         &[replicated("kv", "kv", kv_vip(), KV_PORT)],
         NodeOptions::default(),
