@@ -24,8 +24,12 @@
 //!   service (the primary reads only what it consumed, so its kernel held
 //!   them);
 //! - windows: the client's from its segments; ours as large as the kernel
-//!   could ever have advertised, so no byte the client may send is out of
-//!   the rebuilt window;
+//!   can advertise, so that what the client may send is seldom out of the
+//!   rebuilt window, but never past half the replica's input cap counting
+//!   the unread bytes: each rebuild opens a window the service has not
+//!   consumed, and takeovers in a row would otherwise stack them past the
+//!   cap, which aborts the connection (a client past a window smaller than
+//!   the old one only resends);
 //! - the timestamp clock: the primary's clock logged at the established
 //!   entry, extrapolated to now by the log's time, plus a margin. TCP
 //!   timestamps must never go back (the client's PAWS check would drop
@@ -37,7 +41,7 @@
 //! bytes; the client sends them again), and `ts_recent` (no TCP_REPAIR
 //! field: the kernel takes the client's next timestamp).
 
-use super::apply::ReplicaConn;
+use super::apply::{ReplicaConn, HELD_INPUT_CAP};
 use crate::packet::ConnKey;
 use crate::tcp_state::{seq_after, RepairWindow, SocketOptions, TcpConnState, TcpState};
 
@@ -75,6 +79,7 @@ pub fn conn_state(
         (true, true, true) => return None,
     };
     let unread = conn.unread();
+    let unread_len = unread.len();
     let rcv_nxt = stream.rcv_nxt();
     let recv_seq = rcv_nxt
         .wrapping_sub(u32::from(stream.fin_received()))
@@ -107,8 +112,12 @@ pub fn conn_state(
             snd_wl1: client.snd_wl1,
             snd_wnd: client.snd_wnd,
             max_window: client.max_window.max(client.snd_wnd),
-            // The most the kernel can advertise with our scale.
-            rcv_wnd: 65_535u32 << rcv_scale,
+            // The most the kernel can advertise with our scale, within
+            // the input the replica may still hold.
+            rcv_wnd: (65_535u32 << rcv_scale).min(
+                u32::try_from((HELD_INPUT_CAP / 2).saturating_sub(unread_len as u64))
+                    .unwrap_or(u32::MAX),
+            ),
             rcv_wup: rcv_nxt,
         },
         sockopts: SocketOptions {

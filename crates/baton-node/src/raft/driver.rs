@@ -163,8 +163,7 @@ pub(crate) struct Driver {
     stopped: Option<GroupError>,
     /// The leader's lease, from its tagged messages.
     lease: Lease,
-    /// The lease end last published (0: none), and last told the sink.
-    lease_published: u64,
+    /// The lease end last published to the handle and the sink (0: none).
     lease_told: u64,
     /// As a follower: the newest lease tag the leader sent (its id, the
     /// tag), echoed in every answer to it.
@@ -276,7 +275,6 @@ impl Driver {
             batch: 0,
             stopped: None,
             lease,
-            lease_published: 0,
             lease_told: 0,
             echo: None,
         })
@@ -923,20 +921,16 @@ impl Driver {
         let cs = self.raw.raft.prs().conf().to_conf_state();
         self.lease.handle_voters(&cs.voters, &cs.voters_outgoing);
         let until = self.lease.poll_expiry().unwrap_or(0);
-        if until == self.lease_published {
-            return;
-        }
-        if until < self.lease_published && until != 0 {
-            // A membership change can shorten it; the keeper takes the new end.
-            tracing::debug!(group = %self.shared.cfg.group, "the lease got shorter");
-        }
-        self.lease_published = until;
-        self.shared.lease_until.store(until, Ordering::Release);
         let told = self.lease_told;
-        if until != 0 && told != 0 && until > told && until - told < LEASE_TOLD_STEP {
+        // The group's handle and the keeper see the same end: the daemon
+        // never serves on a lease the keeper has fenced already.
+        if until == told
+            || (until != 0 && told != 0 && until > told && until - told < LEASE_TOLD_STEP)
+        {
             return;
         }
         self.lease_told = until;
+        self.shared.lease_until.store(until, Ordering::Release);
         let sink = self
             .shared
             .lease_sink

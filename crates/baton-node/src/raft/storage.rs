@@ -203,7 +203,15 @@ impl GroupStorage {
         }
         let at = (index - self.first()) as usize;
         let term = self.entries[at].term;
-        self.entries.drain(..=at);
+        // Freeing seconds of log (hundreds of MiB) takes long enough to
+        // make heartbeats late: it happens on a thread of its own.
+        let old: Vec<Entry> = self.entries.drain(..=at).collect();
+        if let Err(e) = std::thread::Builder::new()
+            .name("raft-free".into())
+            .spawn(move || drop(old))
+        {
+            tracing::debug!(error = %e, "freeing compacted entries here");
+        }
         self.snapshot = StoredSnapshot {
             index,
             term,

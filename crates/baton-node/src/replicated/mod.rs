@@ -268,6 +268,7 @@ impl ReplicatedService {
             keeper_group,
             keeper_fences: 0,
             keeper_fenced: false,
+            retake_after: 0,
             conn_tx,
             answer_tx,
             entropy: seed(),
@@ -413,6 +414,10 @@ struct Loop {
     keeper_fences: u64,
     /// The keeper fenced this primary's sockets: it must stop serving.
     keeper_fenced: bool,
+    /// After a lease lapse while still leading: the last index proposed
+    /// then. This node serves again only once it applied that far, as a
+    /// new leader does (its proposals may commit after the lapse).
+    retake_after: u64,
     conn_tx: mpsc::UnboundedSender<FromConn>,
     answer_tx: mpsc::UnboundedSender<Answers>,
     entropy: u64,
@@ -657,6 +662,7 @@ impl Loop {
         if self.leader
             && !self.primary
             && self.whole_log_term == self.term
+            && self.replica.applied_index() >= self.retake_after
             && self.group.lease_holds()
         {
             self.take_over().await;
@@ -710,6 +716,9 @@ impl Loop {
                 self.lease_lapses += 1;
                 tracing::warn!(service = %self.cfg.name, lease_holds = self.group.lease_holds(), "the lease ended: no longer answering clients");
                 self.on_deposed(queue).await;
+                if let Some(s) = self.group.status().await {
+                    self.retake_after = s.last_index;
+                }
             }
         } else {
             self.maybe_take_over().await;
@@ -721,6 +730,9 @@ impl Loop {
     /// afterwards), and are proposed, committed and accepted as usual.
     async fn take_over(&mut self) {
         let started = tokio::time::Instant::now();
+        // Fences reported until now were of the sockets given up before.
+        let _ = self.fenced();
+        self.keeper_fenced = false;
         // The sockets given up last time hold the connections' addresses
         // until their tasks closed them.
         let vanishing = std::mem::take(&mut self.vanishing);
@@ -806,12 +818,12 @@ impl Loop {
         }
         self.capture = Capture::new();
         self.capture.handle_commit(self.replica.applied_index());
-        // Fences reported until now were of the sockets given up before.
-        let _ = self.fenced();
-        self.keeper_fenced = false;
         self.primary = true;
         self.last_checkpoint = tokio::time::Instant::now();
-        if !lost.is_empty() {
+        // Rebuilds that failed because the lease ended meanwhile (the
+        // keeper took the VIP away) lost nothing: the lease check stops
+        // this primary, and the next takeover rebuilds them.
+        if !lost.is_empty() && !self.fenced() {
             self.submit(
                 lost.into_iter()
                     .map(|conn| Proposal {
