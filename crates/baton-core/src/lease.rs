@@ -175,11 +175,6 @@ impl Lease {
         }
         Some(end)
     }
-
-    /// Whether the lease holds at `now_us`.
-    pub fn holds_at(&self, now_us: u64) -> bool {
-        self.poll_expiry().is_some_and(|end| now_us < end)
-    }
 }
 
 #[cfg(test)]
@@ -214,8 +209,6 @@ mod tests {
         // An older round acknowledged late does not shorten it.
         l.handle_ack(3, r1);
         assert_eq!(l.poll_expiry(), Some(41_000));
-        assert!(l.holds_at(40_999));
-        assert!(!l.holds_at(41_000));
     }
 
     #[test]
